@@ -1,0 +1,30 @@
+"""fastattn: fused GPU kernels for the Transformer (attention, residual+LayerNorm, FFN).
+
+Importing fastattn compiles nothing and touches no GPU: backends are imported on first use.
+"""
+
+from fastattn._version import __version__
+from fastattn.backends import BackendNotSupportedError, backends, use_backend
+from fastattn.ops import add_layer_norm, feed_forward, flash_attention, rms_norm, scaled_dot_product_attention
+
+
+def replace_modules(model, *, backend=None):
+    """Swap torch.nn attention / LayerNorm / Transformer layers in ``model`` for fastattn's, in
+    place, keeping the same Parameter objects; returns ``model``. See :mod:`fastattn.replace`."""
+    from fastattn.replace import replace_modules as _replace
+
+    return _replace(model, backend=backend)
+
+
+__all__ = [
+    "BackendNotSupportedError",
+    "__version__",
+    "add_layer_norm",
+    "backends",
+    "feed_forward",
+    "flash_attention",
+    "replace_modules",
+    "rms_norm",
+    "scaled_dot_product_attention",
+    "use_backend",
+]

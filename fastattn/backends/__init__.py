@@ -1,0 +1,219 @@
+"""Backend registry and selection.
+
+A backend is a package ``fastattn.<name>`` holding one module per op (``attention``, ``norm``,
+``ffn``). Each op module declares ``CAPABILITIES`` and implements ``forward``/``backward``
+with the signatures documented in ``fastattn/ops/<op>.py``; it may add per-call reasons with a
+``not_supported_reasons(inputs, options)`` function. The machine-level checks (is triton
+importable, is there a GPU, did the CUDA extension build) live in the :class:`Backend` objects
+below. Selection order for ``backend=None``: cuda (once verified on hardware), triton,
+reference; an explicit choice (argument, :func:`use_backend`, ``FASTATTN_BACKEND``) that cannot
+serve raises :class:`BackendNotSupportedError` listing why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Iterator, Optional
+
+import torch
+
+OPS = ("attention", "norm", "ffn")
+ENV_VAR = "FASTATTN_BACKEND"
+
+_context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "fastattn_backend", default=None
+)
+
+
+class BackendNotSupportedError(ValueError):
+    """No backend (or not the requested one) can serve this call; the message says why."""
+
+
+def triton_interpret_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class Backend:
+    """One implementation family. Subclasses override the machine-level checks."""
+
+    name: str = ""
+    package: str = ""
+    description: str = ""
+    #: considered by ``backend=None``; an unverified backend is only used when asked for.
+    auto: bool = True
+
+    def availability_reasons(self) -> list[str]:
+        """Why this backend cannot run on this machine at all (empty: it can)."""
+        return []
+
+    def device_reasons(self, device: torch.device, explicit: bool) -> list[str]:
+        return []
+
+    def op_module(self, op: str) -> Optional[ModuleType]:
+        return _import_op_module(self.package, op)
+
+    def not_supported_reasons(self, op: str, inputs, options, *, explicit: bool = False) -> list[str]:
+        reasons = self.availability_reasons()
+        if reasons:
+            return reasons
+        reasons = self.device_reasons(inputs.device, explicit)
+        module = self.op_module(op)
+        if module is None:
+            return reasons + [f"{op} is not implemented by this backend"]
+        reasons = reasons + module.CAPABILITIES.not_supported_reasons(inputs, options)
+        extra = getattr(module, "not_supported_reasons", None)
+        if extra is not None:
+            reasons += extra(inputs, options)
+        return reasons
+
+    def forward(self, op: str, *args):
+        return self.op_module(op).forward(*args)
+
+    def backward(self, op: str, *args):
+        return self.op_module(op).backward(*args)
+
+    def __repr__(self) -> str:
+        return f"<fastattn backend {self.name!r}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _import_op_module(package: str, op: str) -> Optional[ModuleType]:
+    try:
+        return importlib.import_module(f"{package}.{op}")
+    except ModuleNotFoundError as err:
+        if err.name == f"{package}.{op}":
+            return None
+        raise
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    package = "fastattn.reference"
+    description = "plain PyTorch, explicit formulas; the correctness oracle, any device"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    package = "fastattn.triton"
+    description = "fused Triton kernels (CUDA GPUs; CPU tensors under TRITON_INTERPRET=1)"
+
+    @functools.lru_cache(maxsize=None)
+    def _import_reasons(self) -> tuple[str, ...]:
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            return (f"triton is not importable: {err}",)
+        return ()
+
+    def availability_reasons(self) -> list[str]:
+        reasons = list(self._import_reasons())
+        if not reasons and not (torch.cuda.is_available() or triton_interpret_enabled()):
+            reasons.append("no CUDA device and TRITON_INTERPRET is not set")
+        return reasons
+
+    def device_reasons(self, device: torch.device, explicit: bool) -> list[str]:
+        if device.type == "cuda":
+            return []
+        if device.type == "cpu" and triton_interpret_enabled():
+            # The interpreter is a verification tool, far slower than the reference backend.
+            return [] if explicit else ["CPU tensors run through the Triton interpreter only when asked for"]
+        return [f"tensors on {device.type} (needs cuda, or cpu with TRITON_INTERPRET=1)"]
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    package = "fastattn.cuda"
+    description = "hand-written CUDA C++ kernels, JIT-built with ninja (torch.ops.fastattn)"
+
+    @property
+    def auto(self) -> bool:  # type: ignore[override]
+        from fastattn import cuda
+
+        return cuda.VERIFIED_ON_HARDWARE
+
+    def availability_reasons(self) -> list[str]:
+        from fastattn import cuda
+
+        return cuda.availability_reasons()
+
+    def device_reasons(self, device: torch.device, explicit: bool) -> list[str]:
+        return [] if device.type == "cuda" else [f"tensors on {device.type} (needs cuda)"]
+
+
+#: Priority order for ``backend=None``.
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), ReferenceBackend())}
+
+
+def get_backend(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or None, got {name!r}") from None
+
+
+def requested_backend(backend: Optional[str] = None) -> Optional[str]:
+    """The explicit choice in force: argument, then use_backend(), then FASTATTN_BACKEND."""
+    return backend or _context_backend.get() or os.environ.get(ENV_VAR) or None
+
+
+def select(op: str, inputs, options, backend: Optional[str] = None) -> Backend:
+    """The backend that serves this call, or BackendNotSupportedError saying why none can."""
+    name = requested_backend(backend)
+    if name is not None:
+        chosen = get_backend(name)
+        reasons = chosen.not_supported_reasons(op, inputs, options, explicit=True)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"backend {name!r} cannot run {op} for these inputs: " + "; ".join(reasons)
+            )
+        return chosen
+    rejected = []
+    for candidate in _BACKENDS.values():
+        if not candidate.auto:
+            rejected.append(f"{candidate.name}: only used when asked for (not verified on hardware)")
+            continue
+        reasons = candidate.not_supported_reasons(op, inputs, options)
+        if not reasons:
+            return candidate
+        rejected.append(f"{candidate.name}: " + "; ".join(reasons))
+    raise BackendNotSupportedError(f"no backend can run {op} for these inputs:\n  " + "\n  ".join(rejected))
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend for the calls inside the block (``None`` restores automatic choice)."""
+    if name is not None:
+        get_backend(name)
+    token = _context_backend.set(name)
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    auto: bool
+    description: str
+    reasons: tuple[str, ...]
+    ops: tuple[str, ...]
+
+
+def backends() -> list[BackendStatus]:
+    """Each backend's availability on this machine, with the reasons when it is not."""
+    statuses = []
+    for b in _BACKENDS.values():
+        reasons = tuple(b.availability_reasons())
+        ops = tuple(op for op in OPS if not reasons and b.op_module(op) is not None)
+        statuses.append(BackendStatus(b.name, not reasons, b.auto, b.description, reasons, ops))
+    return statuses

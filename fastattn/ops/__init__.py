@@ -1,0 +1,7 @@
+"""Public ops: validation, the one shared autograd layer per op, and dispatch to a backend."""
+
+from fastattn.ops.attention import flash_attention, scaled_dot_product_attention
+from fastattn.ops.ffn import feed_forward
+from fastattn.ops.norm import add_layer_norm, rms_norm
+
+__all__ = ["add_layer_norm", "feed_forward", "flash_attention", "rms_norm", "scaled_dot_product_attention"]

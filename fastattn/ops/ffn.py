@@ -1,0 +1,118 @@
+"""Feed-forward: validation, the shared autograd layer, public function.
+
+``z = x @ w1.T + b1``; ``a = act(z)`` (swiglu: ``silu(gate) * up`` with w1 = [gate; up]);
+``y = dropout(a) @ w2.T + b2``. Rows are flattened to (M, d_model).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastattn.backends import select
+from fastattn.ops import _checks as checks
+from fastattn.options import ACTIVATIONS, FeedForwardInputs, FeedForwardOptions, RngState
+
+
+def _validate(x, w1, b1, w2, b2, activation: str) -> FeedForwardInputs:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+    for name, t, optional in (("x", x, False), ("w1", w1, False), ("b1", b1, True), ("w2", w2, False), ("b2", b2, True)):
+        checks.check_tensor(name, t, optional=optional)
+        if t is not None:
+            checks.check_float_dtype(name, t)
+            checks.check_nonempty(name, t)
+            checks.check_same_device(name, t, "x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dim (..., d_model), got a 0-d tensor")
+    d_model = x.shape[-1]
+    checks.check_ndim("w1", w1, 2, "(d_hidden, d_model)")
+    checks.check_ndim("w2", w2, 2, "(d_out, d_ff)")
+    for name, w in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if w is not None:
+            checks.check_same_dtype(name, w, "x", x)
+    if w1.shape[1] != d_model:
+        raise ValueError(f"w1 must have shape (d_hidden, d_model={d_model}), got {tuple(w1.shape)}")
+    d_hidden = w1.shape[0]
+    d_ff = w2.shape[1]
+    expected_hidden = 2 * d_ff if activation == "swiglu" else d_ff
+    if d_hidden != expected_hidden:
+        what = "2 * d_ff (rows [gate; up]) for swiglu" if activation == "swiglu" else "d_ff"
+        raise ValueError(
+            f"w1 has {d_hidden} rows but w2 (d_out, d_ff={d_ff}) needs {expected_hidden} = {what}"
+        )
+    if b1 is not None:
+        checks.check_shape("b1", b1, (d_hidden,), "(d_hidden,)")
+    if b2 is not None:
+        checks.check_shape("b2", b2, (w2.shape[0],), "(d_out,)")
+    return FeedForwardInputs(
+        x=checks.last_dim_contiguous(x.reshape(-1, d_model)),
+        w1=checks.last_dim_contiguous(w1),
+        b1=b1,
+        w2=checks.last_dim_contiguous(w2),
+        b2=b2,
+    )
+
+
+class FeedForwardFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, options: FeedForwardOptions, backend):
+        inputs = FeedForwardInputs(x, w1, b1, w2, b2)
+        rng = RngState.draw() if options.dropout_p > 0 else None
+        y, z = backend.forward("ffn", inputs, options, rng)
+        ctx.save_for_backward(x, w1, b1, w2, b2, z)
+        ctx.options, ctx.backend, ctx.rng = options, backend, rng
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w1, b1, w2, b2, z = ctx.saved_tensors
+        inputs = FeedForwardInputs(x, w1, b1, w2, b2)
+        g = ctx.backend.backward("ffn", dy.contiguous(), z, inputs, ctx.options, ctx.rng)
+        return g.dx, g.dw1, g.db1, g.dw2, g.db2, None, None
+
+
+def feed_forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    *,
+    activation: str = "gelu",
+    dropout_p: float = 0.0,
+    recompute: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Fused ``y = dropout(act(x @ w1.T + b1)) @ w2.T + b2``.
+
+    Arguments:
+        x: (..., d_model), float16 / bfloat16 / float32 (float64 on the reference backend).
+        w1: (d_hidden, d_model), x's dtype; d_hidden = d_ff, or 2 * d_ff for swiglu (rows
+            [gate; up], hidden = silu(gate) * up).
+        b1: (d_hidden,) or None.
+        w2: (d_out, d_ff), x's dtype.
+        b2: (d_out,) or None.
+        activation: "relu", "gelu" (erf), "gelu_tanh", "silu" or "swiglu".
+        dropout_p: dropout on the activation (pass 0.0 in eval).
+        recompute: do not save the pre-activation (M x d_hidden elements); recompute it in
+            backward with the first GEMM (activation checkpointing).
+        backend: "triton", "cuda", "reference" or None (automatic).
+
+    Returns:
+        y: (..., d_out) in x's dtype. float32 GEMMs use tf32 only when
+        ``torch.backends.cuda.matmul.allow_tf32`` is set, as in torch.
+    """
+    inputs = _validate(x, w1, b1, w2, b2, activation)
+    checks.check_bool("recompute", recompute)
+    options = FeedForwardOptions(
+        activation=activation,
+        dropout_p=checks.check_probability("dropout_p", dropout_p),
+        recompute=recompute,
+        allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+    )
+    chosen = select("ffn", inputs, options, backend)
+    y = FeedForwardFunction.apply(inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2, options, chosen)
+    return y.reshape(*x.shape[:-1], w2.shape[0])
