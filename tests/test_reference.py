@@ -268,3 +268,16 @@ def test_activation_derivatives_match_autograd(activation):
     da = torch.randn_like(a)
     (expected,) = torch.autograd.grad(a, z, da)
     torch.testing.assert_close(activation_backward(da, z.detach(), activation), expected)
+
+
+def test_autocast_runs_attention_and_ffn_in_the_autocast_dtype():
+    q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
+    w1, w2 = torch.randn(6, 8, requires_grad=True), torch.randn(8, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastattn.flash_attention(q, k, v)
+        y = fastattn.feed_forward(q, w1, None, w2, None)
+        expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert out.dtype == y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-2, rtol=2e-2)
+    (out.float().sum() + y.float().sum()).backward()
+    assert q.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32

@@ -13,6 +13,7 @@ import torch
 
 from fastattn.backends import select
 from fastattn.ops import _checks as checks
+from fastattn.ops._amp import autocast_dtype, autocast_off, cast_for_autocast
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
 
 
@@ -64,7 +65,8 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, key_padding_mask, attn_mask, options: AttentionOptions, backend):
         inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
         rng = RngState.draw() if options.dropout_p > 0 else None
-        out, lse = backend.forward("attention", inputs, options, rng)
+        with autocast_off(q.device):
+            out, lse = backend.forward("attention", inputs, options, rng)
         ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, out, lse)
         ctx.options, ctx.backend, ctx.rng = options, backend, rng
         ctx.mark_non_differentiable(lse)
@@ -75,13 +77,22 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, key_padding_mask, attn_mask, out, lse = ctx.saved_tensors
         inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
-        dq, dk, dv = ctx.backend.backward(
-            "attention", dout.contiguous(), out, lse, inputs, ctx.options, ctx.rng
-        )
+        with autocast_off(q.device):
+            dq, dk, dv = ctx.backend.backward(
+                "attention", dout.contiguous(), out, lse, inputs, ctx.options, ctx.rng
+            )
         return dq, dk, dv, None, None, None, None
 
 
 def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str]):
+    amp = autocast_dtype(inputs.device)
+    if amp is not None and inputs.dtype != amp:
+        mask = inputs.attn_mask
+        inputs = AttentionInputs(
+            *(cast_for_autocast(t, amp) for t in (inputs.q, inputs.k, inputs.v)),
+            key_padding_mask=inputs.key_padding_mask,
+            attn_mask=mask if mask is None or mask.dtype in (torch.bool, torch.float32) else mask.to(amp),
+        )
     chosen = select("attention", inputs, options, backend)
     return AttentionFunction.apply(
         inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, options, chosen

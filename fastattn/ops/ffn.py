@@ -12,6 +12,7 @@ import torch
 
 from fastattn.backends import select
 from fastattn.ops import _checks as checks
+from fastattn.ops._amp import autocast_dtype, autocast_off, cast_for_autocast
 from fastattn.options import ACTIVATIONS, FeedForwardInputs, FeedForwardOptions, RngState
 
 
@@ -60,7 +61,8 @@ class FeedForwardFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, options: FeedForwardOptions, backend):
         inputs = FeedForwardInputs(x, w1, b1, w2, b2)
         rng = RngState.draw() if options.dropout_p > 0 else None
-        y, z = backend.forward("ffn", inputs, options, rng)
+        with autocast_off(x.device):
+            y, z = backend.forward("ffn", inputs, options, rng)
         ctx.save_for_backward(x, w1, b1, w2, b2, z)
         ctx.options, ctx.backend, ctx.rng = options, backend, rng
         return y
@@ -70,7 +72,8 @@ class FeedForwardFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w1, b1, w2, b2, z = ctx.saved_tensors
         inputs = FeedForwardInputs(x, w1, b1, w2, b2)
-        g = ctx.backend.backward("ffn", dy.contiguous(), z, inputs, ctx.options, ctx.rng)
+        with autocast_off(x.device):
+            g = ctx.backend.backward("ffn", dy.contiguous(), z, inputs, ctx.options, ctx.rng)
         return g.dx, g.dw1, g.db1, g.dw2, g.db2, None, None
 
 
@@ -105,6 +108,9 @@ def feed_forward(
         y: (..., d_out) in x's dtype. float32 GEMMs use tf32 only when
         ``torch.backends.cuda.matmul.allow_tf32`` is set, as in torch.
     """
+    amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if amp is not None:
+        x, w1, b1, w2, b2 = (cast_for_autocast(t, amp) for t in (x, w1, b1, w2, b2))
     inputs = _validate(x, w1, b1, w2, b2, activation)
     checks.check_bool("recompute", recompute)
     options = FeedForwardOptions(

@@ -12,6 +12,7 @@ import torch
 
 from fastattn.backends import select
 from fastattn.ops import _checks as checks
+from fastattn.ops._amp import autocast_off
 from fastattn.options import NormInputs, NormOptions, RngState
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -56,7 +57,8 @@ class NormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, options: NormOptions, backend):
         inputs = NormInputs(x, residual, weight, bias)
         rng = RngState.draw() if options.dropout_p > 0 else None
-        result = backend.forward("norm", inputs, options, rng)
+        with autocast_off(x.device):
+            result = backend.forward("norm", inputs, options, rng)
         h = result.h
         if options.prenorm and h.data_ptr() == x.data_ptr():
             h = h.clone()  # an output must not alias an input of the Function
@@ -72,10 +74,11 @@ class NormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h, weight, bias, mean, rstd = ctx.saved_tensors
         inputs = NormInputs(ctx.x_stand_in, ctx.residual_stand_in, weight, bias)
-        grads = ctx.backend.backward(
-            "norm", dy.contiguous(), None if dh is None else dh.contiguous(),
-            h, mean, rstd, inputs, ctx.options, ctx.rng,
-        )
+        with autocast_off(h.device):
+            grads = ctx.backend.backward(
+                "norm", dy.contiguous(), None if dh is None else dh.contiguous(),
+                h, mean, rstd, inputs, ctx.options, ctx.rng,
+            )
         return grads.dx, grads.dresidual, grads.dweight, grads.dbias, None, None
 
 

@@ -1,0 +1,31 @@
+"""Autocast: fused ops behave like the torch ops they replace under ``torch.autocast``.
+
+Attention and the FFN GEMMs run in the autocast dtype (as torch's SDPA and Linear do); norms
+keep their input dtype (their statistics are fp32 anyway). Inside the autograd layer autocast
+is switched off, so backends see exactly the dtypes they were validated for.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def cast_for_autocast(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """Casting point: fp32/fp16/bf16 tensors go to the autocast dtype; fp64 and non-float
+    tensors pass unchanged, as torch's autocast does."""
+    if tensor is None or dtype is None or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return tensor
+    return tensor.to(dtype)
+
+
+def autocast_off(device: torch.device) -> torch.autocast:
+    device_type = device.type if device.type in ("cpu", "cuda") else "cpu"
+    return torch.autocast(device_type=device_type, enabled=False)
