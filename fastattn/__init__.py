@@ -6,14 +6,8 @@ Importing fastattn compiles nothing and touches no GPU: backends are imported on
 from fastattn._version import __version__
 from fastattn.backends import BackendNotSupportedError, backends, use_backend
 from fastattn.ops import add_layer_norm, feed_forward, flash_attention, rms_norm, scaled_dot_product_attention
-
-
-def replace_modules(model, *, backend=None):
-    """Swap torch.nn attention / LayerNorm / Transformer layers in ``model`` for fastattn's, in
-    place, keeping the same Parameter objects; returns ``model``. See :mod:`fastattn.replace`."""
-    from fastattn.replace import replace_modules as _replace
-
-    return _replace(model, backend=backend)
+from fastattn.replace import replace_modules
+from fastattn import models, nn  # noqa: E402  (after the ops they are built on)
 
 
 __all__ = [
@@ -23,6 +17,8 @@ __all__ = [
     "backends",
     "feed_forward",
     "flash_attention",
+    "models",
+    "nn",
     "replace_modules",
     "rms_norm",
     "scaled_dot_product_attention",
