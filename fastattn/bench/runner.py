@@ -1,0 +1,227 @@
+"""Run one suite: every case against every provider, in every mode, into result rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from fastattn.bench.harness import (
+    BACKWARD_MODES,
+    FAILED,
+    OK,
+    REL_TOLERANCE,
+    SKIPPED,
+    UNSUPPORTED,
+    Problem,
+    Provider,
+    Row,
+    TimerSettings,
+    Timing,
+    Workload,
+    as_tuple,
+    classify,
+    compare,
+    free_memory,
+    mode_callable,
+    peak_memory,
+    time_cpu,
+    time_gpu,
+)
+
+#: Divisor turning a suite's work per second into its metric's unit.
+METRIC_UNITS = {"TFLOP/s": 1e12, "GB/s": 1e9, "tokens/s": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """One benchmark module.
+
+    cases(preset, device, dtype) -> cases; each case has ``label``, ``variant`` (the flags that
+    make separate plot lines, e.g. "causal"), ``x`` (the swept size), ``params`` (dict),
+    ``dtype`` and ``modes``.
+    providers(preset) -> every provider, installed or not (availability is checked per machine).
+    make_problem(case, device) -> Problem with the float64 reference.
+    work(case, mode) -> FLOPs, bytes or tokens of one call, per the suite's metric.
+    """
+
+    op: str
+    sweep: str
+    metric: str
+    cases: Callable[[str, torch.device, Optional[torch.dtype]], list]
+    providers: Callable[[str], list[Provider]]
+    make_problem: Callable[[Any, torch.device], Problem]
+    work: Callable[[Any, str], float]
+    tolerance_scale: float = 1.0
+    #: share of a --budget this suite gets, relative to the other suites run
+    budget_weight: float = 1.0
+
+
+class Interrupted(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so provider error capture lets it through."""
+
+
+@dataclasses.dataclass
+class RunContext:
+    device: torch.device
+    device_name: str
+    timer: TimerSettings
+    deadline: float = float("inf")
+    progress: Any = None  # a tqdm bar, or None
+
+    def time(self, fn: Callable[[], None]) -> Timing:
+        return time_gpu(fn, self.timer) if self.device.type == "cuda" else time_cpu(fn, self.timer)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _rows_for(suite: Suite, case: Any, provider: Provider, ctx: RunContext) -> dict[str, Row]:
+    return {
+        mode: Row(
+            op=suite.op,
+            case=case.label,
+            variant=case.variant,
+            sweep=suite.sweep,
+            x=case.x,
+            params=dict(case.params),
+            dtype=_dtype_name(case.dtype),
+            mode=mode,
+            provider=provider.name,
+            family=provider.family,
+            status=OK,
+            metric=suite.metric,
+            device=ctx.device_name,
+        )
+        for mode in case.modes
+    }
+
+
+def _mark(rows: dict[str, Row], modes: Sequence[str], status: str, reason: str) -> None:
+    for mode in modes:
+        rows[mode].status, rows[mode].reason = status, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    out_error: float
+    out_mismatch: Optional[str]
+    grad_error: Optional[float] = None  # worst over outputs and gradients
+    grad_mismatch: Optional[str] = None
+
+
+def verify(problem: Problem, workload: Workload, grads: bool, tolerance: float) -> Check:
+    """Run the workload's forward (and backward when ``grads``) once and compare with the
+    float64 reference; the gradients are not checked when the forward already mismatches."""
+    outs = as_tuple(workload.fn())
+    err, mismatch = compare(problem.out_names, outs, problem.expected_out, problem.select, tolerance)
+    if mismatch or not grads:
+        return Check(err, mismatch)
+    computed = torch.autograd.grad(outs, list(workload.wrt), problem.grad_out, allow_unused=True)
+    gerr, gmismatch = compare(problem.grad_names, computed, problem.expected_grads, problem.select, tolerance)
+    return Check(err, None, max(err, gerr), gmismatch)
+
+
+def run_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, ctx: RunContext) -> list[Row]:
+    """Check one provider on one case, then measure each mode that passed the check."""
+    rows = _rows_for(suite, case, provider, ctx)
+    reason = provider.unsupported_reason(case)
+    if reason:
+        _mark(rows, case.modes, UNSUPPORTED, reason)
+        return list(rows.values())
+    for mode, why in provider.skip_modes.items():
+        if mode in rows:
+            _mark(rows, [mode], UNSUPPORTED, why)
+    tolerance = REL_TOLERANCE[case.dtype] * suite.tolerance_scale
+    backward_modes = [m for m in case.modes if m in BACKWARD_MODES]
+    workload = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            workload = provider.build(case, problem)
+            check = verify(problem, workload, bool(backward_modes), tolerance)
+            for mode, row in rows.items():
+                row.check_error = check.grad_error if mode in BACKWARD_MODES and check.grad_error is not None else check.out_error
+            if check.out_mismatch:
+                _mark(rows, case.modes, FAILED, check.out_mismatch)
+            elif check.grad_mismatch:
+                _mark(rows, backward_modes, FAILED, check.grad_mismatch)
+        except Exception as error:  # reported in every row of this provider, never dropped
+            _mark(rows, case.modes, *classify(error, caught))
+    if workload is None or all(r.status != OK for r in rows.values()):
+        del workload
+        free_memory(ctx.device)
+        return list(rows.values())
+
+    for mode, row in rows.items():
+        if row.status != OK:
+            continue
+        if time.monotonic() > ctx.deadline:
+            _mark(rows, [mode], SKIPPED, "time budget spent")
+            continue
+        run = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                run = mode_callable(workload, mode, problem.grad_out)
+                run()  # warm-up: compilation and autotuning stay out of memory and time
+                row.peak_mem_mib, note = peak_memory(run, ctx.device)
+                row.memory_note = note or ""
+                timing = ctx.time(run)
+                row.median_ms, row.p20_ms, row.p80_ms, row.reps = timing.median_ms, timing.p20_ms, timing.p80_ms, timing.reps
+                work = suite.work(case, mode)
+                row.throughput = work / (timing.median_ms * 1e-3) / METRIC_UNITS[suite.metric]
+            except Exception as error:  # reported in the row
+                row.status, row.reason = classify(error, caught)
+            finally:
+                del run
+    del workload
+    free_memory(ctx.device)
+    return list(rows.values())
+
+
+def run_suite(
+    suite: Suite,
+    cases: Sequence[Any],
+    providers: Sequence[Provider],
+    ctx: RunContext,
+    on_rows: Callable[[list[Row]], None] = lambda rows: None,
+) -> list[Row]:
+    """Every case x provider; ``providers`` are those available on this machine."""
+    rows: list[Row] = []
+    if not providers:
+        return rows
+    for case in cases:
+        problem: Optional[Problem] = None
+        problem_error: Optional[tuple[str, str]] = None
+        if time.monotonic() <= ctx.deadline:
+            try:
+                problem = suite.make_problem(case, ctx.device)
+            except Exception as error:  # the reference itself failed (e.g. out of memory): every row says so
+                status, reason = classify(error)
+                problem_error = (FAILED if status == OK else status, f"inputs/reference: {reason}")
+            free_memory(ctx.device)
+        for provider in providers:
+            if ctx.progress is not None:
+                ctx.progress.set_postfix_str(f"{suite.op} {case.label} {provider.name}"[:60])
+            if problem is None:
+                case_rows = _rows_for(suite, case, provider, ctx)
+                _mark(case_rows, case.modes, *(problem_error or (SKIPPED, "time budget spent")))
+                new = list(case_rows.values())
+            elif time.monotonic() > ctx.deadline:
+                case_rows = _rows_for(suite, case, provider, ctx)
+                _mark(case_rows, case.modes, SKIPPED, "time budget spent")
+                new = list(case_rows.values())
+            else:
+                new = run_provider(suite, case, problem, provider, ctx)
+            rows.extend(new)
+            on_rows(new)
+            if ctx.progress is not None:
+                ctx.progress.update(1)
+        del problem
+        free_memory(ctx.device)
+    return rows
