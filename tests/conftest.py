@@ -5,6 +5,7 @@ test modules import fastattn's kernels.
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -27,6 +28,6 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different, reported seed per test: fresh inputs, yet any failure can be replayed.
-    seed = abs(hash(request.node.nodeid)) % (2**31)
+    seed = zlib.crc32(request.node.nodeid.encode())  # stable across processes
     torch.manual_seed(seed)
     yield

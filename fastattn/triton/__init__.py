@@ -1,0 +1,1 @@
+"""The ``triton`` backend: fused Triton kernels, one module per op."""
