@@ -1,11 +1,10 @@
 """The ``cuda`` backend: hand-written CUDA C++ kernels bound as ``torch.ops.fastattn.*``.
 
-The extension (csrc/ + kernels/) is built just-in-time by :mod:`fastattn._build` on first use.
+The extension (csrc/ + kernels/) is built just-in-time by :mod:`fastattn._build` on first use
+(cached, so later processes only load it). Importing this package builds nothing.
 """
 
 from __future__ import annotations
-
-import shutil
 
 import torch
 
@@ -15,11 +14,26 @@ VERIFIED_ON_HARDWARE = False
 
 
 def availability_reasons() -> list[str]:
-    reasons = []
-    if torch.version.cuda is None:
-        reasons.append("torch is a CPU-only build")
-    elif not torch.cuda.is_available():
+    """Why the cuda backend cannot run here (empty: it can). Machine checks first; when they
+    pass, the extension is built/loaded (once per process) and a build failure is the reason."""
+    from fastattn import _build
+
+    if _build.extension_path() is not None:
+        return []
+    reasons = _build.toolchain_reasons()
+    if torch.version.cuda is not None and not torch.cuda.is_available():
         reasons.append("no CUDA device")
-    if shutil.which("nvcc") is None:
-        reasons.append("nvcc is not on PATH (needed for the just-in-time build)")
-    return reasons
+    if reasons:
+        return reasons
+    failure = _build.load_extension()
+    return [failure] if failure is not None else []
+
+
+def ensure_loaded() -> None:
+    """Loads the extension (building it if needed) or raises RuntimeError with the reason.
+    Op modules call it before using ``torch.ops.fastattn``."""
+    from fastattn import _build
+
+    failure = _build.load_extension()
+    if failure is not None:
+        raise RuntimeError(f"the fastattn CUDA extension is unavailable: {failure}")

@@ -1,0 +1,552 @@
+"""CUDA feed-forward (fastattn.cuda.ffn, csrc/ffn.cpp, kernels/ffn/).
+
+Without a GPU: the kernels compile with nvcc for sm_80 and sm_90 (a representative subset of
+the instantiations; ``fastattn build --check-cuda`` compiles all), without register spills and
+with tensor-core (HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) instructions in the SASS; the
+host glue compiles against the installed torch headers; the Python-side dropout formula
+matches Philox4x32-10's known answers; the backend declares what it cannot serve.
+
+With a GPU (requires_cuda): y and every gradient against the float64 reference for each
+activation, dtype, bias and odd shapes, tolerance of tests/helpers.py (kernel error <= 2 x
+plain PyTorch's error in the same dtype + atol); dropout with the kernel's own mask (read back
+through ffn_bwd and checked against the documented Philox formula); recompute; the unaligned
+(scalar-load) path; determinism; the public function; torch.library.opcheck.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import requires_cuda
+from fastattn.options import FeedForwardInputs, FeedForwardOptions, RngState
+from fastattn.reference import ffn as reference
+from helpers import assert_close_to_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "kernels"
+FFN_KERNELS = KERNELS / "ffn"
+ARCHS = (80, 90)
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu"]
+DTYPES = [torch.float16, torch.bfloat16]
+GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
+
+# One instantiation per layout (NT, NN, TN), the dual (swiglu) forward tile, both epilogue
+# families and both dtypes; plus the non-GEMM files.
+COMPILED_SUBSET = (
+    "instantiations/ffn_gemm_fp16_fwd_gelu_tanh.cu",
+    "instantiations/ffn_gemm_bf16_fwd_swiglu.cu",
+    "instantiations/ffn_gemm_bf16_bwd_silu.cu",
+    "instantiations/ffn_gemm_fp16_bwd_swiglu.cu",
+    "instantiations/ffn_gemm_fp16_bias_tn.cu",
+    "ffn_colsum.cu",
+    "ffn_dispatch.cu",
+)
+
+# 8 warps of 256 threads: <= 128 registers lets two CTAs share an SM (64 KiB shared each).
+GEMM_MAX_REGISTERS = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile checks (nvcc, no GPU)
+# ---------------------------------------------------------------------------------------------
+def _nvcc() -> Optional[str]:
+    from fastattn import _build
+
+    return _build.find_nvcc()
+
+
+def _sass_by_arch(obj: Path, cuobjdump: str) -> dict[int, str]:
+    out = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    sections: dict[int, str] = {}
+    arch = None
+    for line in out.stdout.splitlines():
+        found = re.search(r"arch = sm_(\d+)", line)
+        if found:
+            arch = int(found.group(1))
+            sections.setdefault(arch, "")
+        elif arch is not None:
+            sections[arch] += line + "\n"
+    return sections
+
+
+@pytest.fixture(scope="session")
+def compiled_ffn(tmp_path_factory):
+    """The extension's nvcc flags (fastattn._build), one call per file producing cubins for
+    both archs, one nvcc at a time: relative name -> (ptxas reports, object file)."""
+    from fastattn import _build
+
+    if _nvcc() is None:
+        pytest.skip("nvcc is not on PATH")
+    out_dir = tmp_path_factory.mktemp("ffn_nvcc")
+    results = {}
+    for rel in COMPILED_SUBSET:
+        obj = out_dir / (Path(rel).stem + ".o")
+        cmd = _build.nvcc_check_command(FFN_KERNELS / rel, obj, ARCHS)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"nvcc failed on {rel}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        results[rel] = (_build.parse_ptxas(proc.stdout + proc.stderr, rel), obj)
+    return results
+
+
+def test_instantiations_match_generator():
+    spec = importlib.util.spec_from_file_location("ffn_generate_kernels", FFN_KERNELS / "generate_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    expected = module.instantiations()
+    on_disk = {p.name: p.read_text() for p in (FFN_KERNELS / "instantiations").glob("*.cu")}
+    assert on_disk == expected, "run python kernels/ffn/generate_kernels.py"
+    # Every (dtype, kind, activation) the dispatcher can reach has a file.
+    assert len(expected) == 2 * (3 + 2 * len(ACTIVATIONS))
+
+
+def test_kernels_compile_without_spills(compiled_ffn):
+    for rel, (reports, _) in compiled_ffn.items():
+        if rel == "ffn_dispatch.cu":
+            assert not reports, "the dispatcher holds no kernels"
+            continue
+        archs = {int(arch) for _, arch in reports}
+        assert archs == set(ARCHS), f"{rel}: compiled for {sorted(archs)}"
+        for (kernel, arch), r in reports.items():
+            assert not r.spills, f"{rel} {kernel} sm_{arch} spills: {r}"
+            if "_ffn_gemm_kernel" in kernel:
+                assert 0 < r.registers <= GEMM_MAX_REGISTERS, f"{rel} sm_{arch}: {r.registers} registers"
+
+
+def test_gemm_sass_uses_tensor_cores(compiled_ffn):
+    from fastattn import _build
+
+    cuobjdump = _build.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (triton's wheel ships one)")
+    for rel, (_, obj) in compiled_ffn.items():
+        if "ffn_gemm_" not in rel:
+            continue
+        sass = _sass_by_arch(obj, cuobjdump)
+        assert set(sass) == set(ARCHS), f"{rel}: SASS for {sorted(sass)}"
+        for arch, text in sass.items():
+            # 2 k-steps of 16 per BK = 32, 4 x 4 (or 4 x 2 x 2 for swiglu) m16n8k16 tiles each.
+            assert len(re.findall(r"\bHMMA\.16816\.F32", text)) >= 32, f"{rel} sm_{arch}: no HMMA.16816"
+            assert "LDSM" in text, f"{rel} sm_{arch}: no ldmatrix"
+            assert "LDGSTS" in text, f"{rel} sm_{arch}: no cp.async"
+            if "bf16" in rel:
+                assert "HMMA.16816.F32.BF16" in text, f"{rel} sm_{arch}: bf16 mma missing"
+            # --use_fast_math would turn tanhf into the 2^-11-accurate MUFU.TANH.
+            assert "MUFU.TANH" not in text, f"{rel} sm_{arch}: approximate tanh"
+
+
+def test_host_code_compiles(tmp_path):
+    """csrc/ffn.cpp against the installed torch headers (syntax only: nothing links here)."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    nvcc = _nvcc()
+    if compiler is None or nvcc is None:
+        pytest.skip("needs a C++ compiler and the CUDA toolkit headers (nvcc)")
+    from torch.utils.cpp_extension import include_paths
+
+    # Ask nvcc (possibly a wrapper script) where its toolkit headers are.
+    probe = tmp_path / "probe.cu"
+    probe.write_text("")
+    dryrun = subprocess.run([nvcc, "--dryrun", "-c", str(probe), "-o", str(tmp_path / "probe.o")],
+                            capture_output=True, text=True, timeout=120)
+    found = re.search(r'INCLUDES="-I([^"\s]+)"', dryrun.stdout + dryrun.stderr)
+    cuda_include = Path(found.group(1)) if found else Path(os.path.realpath(nvcc)).parent.parent / "include"
+    if not (cuda_include / "cuda_runtime_api.h").exists():
+        pytest.skip(f"CUDA toolkit headers not found (looked in {cuda_include})")
+    # CPU wheels of torch omit the generated c10/cuda/impl/cuda_cmake_macros.h.
+    shim = tmp_path / "shim"
+    (shim / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (shim / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = [compiler, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type"]
+    cmd += [f"-isystem{p}" for p in include_paths()]
+    cmd += [f"-isystem{shim}", f"-isystem{cuda_include}", f"-I{KERNELS}", f"-I{ROOT / 'csrc'}"]
+    cmd.append(str(ROOT / "csrc" / "ffn.cpp"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ffn.cpp" not in proc.stderr, f"warnings in csrc/ffn.cpp:\n{proc.stderr[-4000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout formula (kernels/common/philox.cuh), in numpy
+# ---------------------------------------------------------------------------------------------
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 on uint64 arrays holding 32-bit words."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+    k0, k1 = (np.uint64(k) for k in key)
+    for _ in range(10):
+        prod_a = np.uint64(0xD2511F53) * c0
+        prod_b = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (
+            ((prod_b >> np.uint64(32)) ^ c1 ^ k0) & _U32,
+            prod_b & _U32,
+            ((prod_a >> np.uint64(32)) ^ c3 ^ k1) & _U32,
+            prod_a & _U32,
+        )
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _U32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _U32
+    return c0, c1, c2, c3
+
+
+def _threshold(p: float) -> int:
+    scaled = float(np.float32(p)) * 4294967296.0  # the kernels convert p to float first
+    if scaled <= 0.0:
+        return 0
+    if scaled >= 4294967295.0:
+        return 0xFFFFFFFF
+    return int(scaled + 0.5)
+
+
+def philox_keep_mask(m: int, f: int, p: float, seed: int, offset: int) -> torch.Tensor:
+    """bool (m, f): element (row, col) kept iff bits[e % 4] of Philox(counter = (e // 4, offset),
+    key = seed) >= threshold(p), e = row * f + col."""
+    e = np.arange(m * f, dtype=np.uint64)
+    group = e >> np.uint64(2)
+    words = _philox4x32_10(
+        (group & _U32, group >> np.uint64(32), np.full_like(e, offset & 0xFFFFFFFF), np.full_like(e, offset >> 32)),
+        (seed & 0xFFFFFFFF, seed >> 32),
+    )
+    lane = (e & np.uint64(3)).astype(np.int64)
+    bits = np.choose(lane, words)
+    return torch.from_numpy((bits >= np.uint64(_threshold(p))).reshape(m, f))
+
+
+def test_philox_known_answers():
+    # Random123's kat_vectors for philox4x32_10.
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, key, expected in cases:
+        got = tuple(int(w) for w in _philox4x32_10(counter, key))
+        assert got == expected, [hex(w) for w in got]
+
+
+def test_philox_mask_rate_and_purity():
+    mask = philox_keep_mask(64, 50, 0.3, seed=1234, offset=77)
+    assert 0.6 < mask.float().mean().item() < 0.8
+    # A pure function of (row, col) for a given F: fewer rows give the leading rows.
+    assert torch.equal(philox_keep_mask(10, 50, 0.3, seed=1234, offset=77), mask[:10])
+    assert not torch.equal(philox_keep_mask(64, 50, 0.3, seed=1234, offset=78), mask)
+    assert philox_keep_mask(8, 8, 0.0, seed=1, offset=2).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Declared capabilities (no GPU)
+# ---------------------------------------------------------------------------------------------
+def _meta_inputs(m, d_model, d_hidden, d_ff, d_out, dtype=torch.float16) -> FeedForwardInputs:
+    meta = dict(device="meta", dtype=dtype)
+    return FeedForwardInputs(
+        x=torch.empty(m, d_model, **meta),
+        w1=torch.empty(d_hidden, d_model, **meta),
+        b1=None,
+        w2=torch.empty(d_out, d_ff, **meta),
+        b2=None,
+    )
+
+
+def test_capabilities_and_reasons():
+    from fastattn.cuda import ffn as cffn
+
+    options = FeedForwardOptions(activation="gelu")
+    fp32 = cffn.CAPABILITIES.not_supported_reasons(_meta_inputs(4, 8, 8, 8, 8, torch.float32), options)
+    assert fp32 and "float32" in fp32[0]
+    for dtype in DTYPES:
+        inputs = _meta_inputs(4, 8, 8, 8, 8, dtype)
+        assert cffn.CAPABILITIES.not_supported_reasons(inputs, options) == []
+        assert cffn.not_supported_reasons(inputs, options) == []
+    for act in ACTIVATIONS:
+        assert cffn.CAPABILITIES.not_supported_reasons(
+            _meta_inputs(4, 8, 8, 8, 8), FeedForwardOptions(activation=act, dropout_p=0.5, recompute=True)
+        ) == []
+    wide = cffn.not_supported_reasons(_meta_inputs(4, 8, 8, 8, 2**31), options)
+    assert len(wide) == 1 and "d_out" in wide[0]
+    assert cffn.not_supported_reasons(_meta_inputs(4, 8, 8, 8, 2**31 - 257), options) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_explicit_cuda_backend_says_why_without_gpu():
+    import fastattn
+    from fastattn.backends import BackendNotSupportedError
+
+    x, w1, w2 = torch.randn(3, 8), torch.randn(8, 8), torch.randn(4, 8)
+    with pytest.raises(BackendNotSupportedError, match="cuda"):
+        fastattn.feed_forward(x, w1, None, w2, None, activation="relu", backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU correctness
+# ---------------------------------------------------------------------------------------------
+def _make(m, d_model, d_ff, d_out, dtype, *, activation, bias=True) -> FeedForwardInputs:
+    d_hidden = 2 * d_ff if activation == "swiglu" else d_ff
+    dev = "cuda"
+    x = torch.randn(m, d_model, device=dev).to(dtype)
+    # Fan-in scaling keeps z and y near unit size, as in trained layers.
+    w1 = (torch.randn(d_hidden, d_model, device=dev) / d_model**0.5).to(dtype)
+    w2 = (torch.randn(d_out, d_ff, device=dev) / d_ff**0.5).to(dtype)
+    b1 = (0.5 * torch.randn(d_hidden, device=dev)).to(dtype) if bias else None
+    b2 = (0.5 * torch.randn(d_out, device=dev)).to(dtype) if bias else None
+    return FeedForwardInputs(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+
+
+def _to64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.double()
+
+
+def _inputs64(inputs: FeedForwardInputs) -> FeedForwardInputs:
+    return FeedForwardInputs(*(_to64(t) for t in (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)))
+
+
+def _torch_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if activation == "silu":
+        return F.silu(z)
+    gate, up = z.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _baseline(inputs: FeedForwardInputs, dy, activation, p, keep):
+    """Plain PyTorch Linear -> act -> dropout -> Linear in the inputs' dtype, with autograd."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in
+              (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)]
+    x, w1, b1, w2, b2 = leaves
+    a = _torch_activation(F.linear(x, w1, b1), activation)
+    if keep is not None:
+        a = a * keep.to(a.dtype) / (1.0 - p)
+    y = F.linear(a, w2, b2)
+    y.backward(dy)
+    grads = dict(zip(GRAD_NAMES, (x.grad, w1.grad, None if b1 is None else b1.grad, w2.grad,
+                                  None if b2 is None else b2.grad)))
+    return y.detach(), grads
+
+
+def _kernel_keep_mask(m: int, f: int, dtype, p: float, rng: RngState) -> torch.Tensor:
+    """The CUDA kernels' own (m, f) keep mask, read back through ffn_bwd: with z = 1, relu
+    (act = act' = 1) and dy = I (d_out = m), dw2 = dy^T @ a_d = keep / (1 - p)."""
+    from fastattn.cuda import ffn as cffn
+
+    ops = cffn._ops()
+    dev = "cuda"
+    x = torch.randn(m, 8, device=dev, dtype=dtype)
+    w1 = torch.randn(f, 8, device=dev, dtype=dtype)
+    w2 = torch.randn(m, f, device=dev, dtype=dtype)
+    dy = torch.eye(m, device=dev, dtype=dtype)
+    z = torch.ones(m, f, device=dev, dtype=dtype)
+    _, _, _, dw2, _ = ops.ffn_bwd(dy, z, x, w1, None, w2, None, "relu", p, rng.seed, rng.offset)
+    kept = dw2 != 0
+    assert torch.allclose(dw2[kept].float(), torch.full_like(dw2[kept].float(), 1.0 / (1.0 - p)), rtol=1e-2)
+    return kept
+
+
+def _check(inputs, options, rng, keep, *, dy=None, atol_scale=1.0):
+    """Kernel forward + backward vs the float64 reference, baseline = plain PyTorch."""
+    from fastattn.cuda import ffn as cffn
+
+    y, z = cffn.forward(inputs, options, rng)
+    assert y.dtype == inputs.dtype and y.shape == (inputs.rows, inputs.w2.shape[0])
+    if options.recompute:
+        assert z is None
+    else:
+        assert z.shape == (inputs.rows, inputs.w1.shape[0]) and z.dtype == inputs.dtype
+    if dy is None:
+        dy = torch.randn_like(y)
+    inputs64 = _inputs64(inputs)
+    y64, z64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
+    y_base, grads_base = _baseline(inputs, dy, options.activation, options.dropout_p, keep)
+    assert_close_to_reference(y, y64, y_base, "y", atol_scale)
+    if z is not None:
+        z_base = F.linear(inputs.x, inputs.w1, inputs.b1)
+        assert_close_to_reference(z, z64, z_base, "z", atol_scale)
+
+    grads = cffn.backward(dy, z, inputs, options, rng)
+    grads64 = reference.backward(dy.double(), None, inputs64, options, rng, dropout_mask=keep)
+    for name in GRAD_NAMES:
+        got, ref = getattr(grads, name), getattr(grads64, name)
+        if ref is None:
+            assert got is None, name
+            continue
+        assert got.dtype == inputs.dtype, name
+        assert_close_to_reference(got, ref, grads_base[name], name, atol_scale)
+    return y, z, grads
+
+
+# (M, d_model, d_ff, d_out): single element-ish; odd M; several M/N tiles with ragged edges;
+# sizes that are not multiples of 8 (scalar-load path); K spanning more tiles than stages.
+SHAPES = [
+    (1, 8, 8, 8),
+    (37, 24, 40, 16),
+    (130, 136, 200, 72),
+    (67, 30, 21, 13),
+    (257, 520, 136, 264),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_backward(activation, dtype, shape):
+    inputs = _make(*shape, dtype, activation=activation, bias=shape[0] != 37)
+    options = FeedForwardOptions(activation=activation)
+    _check(inputs, options, None, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_many_tiles(activation):
+    """9 x 5 (swiglu: 9 x 10) output tiles: the grouped tile order ends in a partial group of
+    tile rows, and K = 256 runs 8 k-tiles through the 4-stage ring."""
+    inputs = _make(1100, 256, 640, 384, torch.bfloat16, activation=activation)
+    _check(inputs, FeedForwardOptions(activation=activation), None, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(45, 40, 72, 24), (96, 64, 21, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_dropout(activation, dtype, shape):
+    p = 0.3
+    rng = RngState(seed=int(torch.randint(0, 2**31 - 1, ())), offset=int(torch.randint(0, 2**31 - 1, ())))
+    inputs = _make(*shape, dtype, activation=activation)
+    m, f = shape[0], shape[2]
+    keep = _kernel_keep_mask(m, f, dtype, p, rng)
+    assert torch.equal(keep.cpu(), philox_keep_mask(m, f, p, rng.seed, rng.offset)), "mask != documented formula"
+    assert 0.55 < keep.float().mean().item() < 0.85
+    options = FeedForwardOptions(activation=activation, dropout_p=p)
+    y, _, _ = _check(inputs, options, rng, keep)
+    # Same rng, same mask: a second call reproduces y bitwise; another offset changes it.
+    from fastattn.cuda import ffn as cffn
+
+    assert torch.equal(cffn.forward(inputs, options, rng)[0], y)
+    other = RngState(seed=rng.seed, offset=rng.offset + 1)
+    assert not torch.equal(cffn.forward(inputs, options, other)[0], y)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_recompute_matches_saved_z(activation, dtype):
+    from fastattn.cuda import ffn as cffn
+
+    p = 0.2 if activation in ("gelu", "swiglu") else 0.0
+    rng = RngState(seed=11, offset=5) if p else None
+    inputs = _make(70, 48, 56, 40, dtype, activation=activation)
+    keep = _kernel_keep_mask(70, 56, dtype, p, rng) if p else None
+    saved = FeedForwardOptions(activation=activation, dropout_p=p)
+    recompute = FeedForwardOptions(activation=activation, dropout_p=p, recompute=True)
+    _check(inputs, recompute, rng, keep)
+    y, z = cffn.forward(inputs, saved, rng)
+    grads_s = cffn.backward(torch.ones_like(y), z, inputs, saved, rng)
+    grads_r = cffn.backward(torch.ones_like(y), None, inputs, recompute, rng)
+    # The recompute GEMM accumulates in the same order as the forward one: z is bitwise equal.
+    for name in GRAD_NAMES:
+        assert torch.equal(getattr(grads_s, name), getattr(grads_r, name)), name
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_unaligned_operands_take_scalar_path(activation, dtype):
+    """Row strides that are not multiples of 8 and bases off 16-byte alignment use predicated
+    2-byte loads; they must give bitwise the results of the cp.async path."""
+    from fastattn.cuda import ffn as cffn
+
+    inputs = _make(50, 40, 48, 24, dtype, activation=activation)
+    options = FeedForwardOptions(activation=activation)
+
+    def shifted(t):  # same values, base 2 bytes past a 16-byte boundary, row stride + 1
+        buf = torch.zeros(t.shape[0] * (t.shape[1] + 1) + 1, device=t.device, dtype=t.dtype)
+        view = buf[1:].as_strided(t.shape, (t.shape[1] + 1, 1))
+        view.copy_(t)
+        return view
+
+    odd = FeedForwardInputs(shifted(inputs.x), shifted(inputs.w1), inputs.b1, shifted(inputs.w2), inputs.b2)
+    assert odd.x.data_ptr() % 16 != 0 and odd.x.stride(0) % 8 != 0
+    y, z = cffn.forward(inputs, options, None)
+    y_odd, z_odd = cffn.forward(odd, options, None)
+    assert torch.equal(y, y_odd) and torch.equal(z, z_odd)
+    dy = torch.randn_like(y)
+    g = cffn.backward(dy, z, inputs, options, None)
+    g_odd = cffn.backward(dy, z_odd, odd, options, None)
+    for name in GRAD_NAMES:
+        assert torch.equal(getattr(g, name), getattr(g_odd, name)), name
+
+
+@requires_cuda
+def test_backward_is_deterministic():
+    from fastattn.cuda import ffn as cffn
+
+    inputs = _make(600, 64, 96, 48, torch.bfloat16, activation="silu")
+    options = FeedForwardOptions(activation="silu")
+    y, z = cffn.forward(inputs, options, None)
+    dy = torch.randn_like(y)
+    first = cffn.backward(dy, z, inputs, options, None)
+    for _ in range(3):
+        again = cffn.backward(dy, z, inputs, options, None)
+        for name in GRAD_NAMES:
+            assert torch.equal(getattr(first, name), getattr(again, name)), name
+
+
+@requires_cuda
+@pytest.mark.parametrize("recompute", [False, True])
+def test_public_function_autograd(recompute):
+    import fastattn
+
+    dtype = torch.float16
+    x = torch.randn(2, 9, 32, device="cuda", dtype=dtype, requires_grad=True)
+    w1 = (torch.randn(96, 32, device="cuda") / 32**0.5).to(dtype).requires_grad_()
+    b1 = torch.randn(96, device="cuda", dtype=dtype, requires_grad=True)
+    w2 = (torch.randn(24, 48, device="cuda") / 48**0.5).to(dtype).requires_grad_()
+    b2 = torch.randn(24, device="cuda", dtype=dtype, requires_grad=True)
+    y = fastattn.feed_forward(x, w1, b1, w2, b2, activation="swiglu", recompute=recompute, backend="cuda")
+    assert y.shape == (2, 9, 24)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    inputs = FeedForwardInputs(x.detach().reshape(-1, 32), w1.detach(), b1.detach(), w2.detach(), b2.detach())
+    options = FeedForwardOptions(activation="swiglu")
+    y64, _ = reference.forward(_inputs64(inputs), options, None)
+    y_base, grads_base = _baseline(inputs, dy.reshape(-1, 24), "swiglu", 0.0, None)
+    assert_close_to_reference(y.detach().reshape(-1, 24), y64, y_base, "y")
+    grads64 = reference.backward(dy.reshape(-1, 24).double(), None, _inputs64(inputs), options, None)
+    for name, leaf in zip(GRAD_NAMES, (x, w1, b1, w2, b2)):
+        grad = leaf.grad.reshape(-1, 32) if name == "dx" else leaf.grad
+        assert_close_to_reference(grad, getattr(grads64, name), grads_base[name], name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("activation, save_z", [("gelu_tanh", True), ("swiglu", False)])
+def test_opcheck(activation, save_z):
+    from fastattn.cuda import ffn as cffn
+
+    ops = cffn._ops()
+    inputs = _make(33, 24, 40, 16, torch.bfloat16, activation=activation)
+    leaves = [t.clone().requires_grad_() for t in (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)]
+    torch.library.opcheck(ops.ffn_fwd.default, (*leaves, activation, 0.25, 3, 7, save_z))
+    y, z = ops.ffn_fwd(*(t.detach() for t in leaves), activation, 0.25, 3, 7, True)
+    dy = torch.randn_like(y)
+    z_arg = z if save_z else None
+    torch.library.opcheck(
+        ops.ffn_bwd.default, (dy, z_arg, inputs.x, inputs.w1, None, inputs.w2, inputs.b2, activation, 0.25, 3, 7)
+    )
