@@ -32,7 +32,16 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _native_root() -> Path:
+    """Where csrc/ and kernels/ live: the checkout (editable install), or the copy that
+    setup.py ships inside the package as fastattn/_native (regular install)."""
+    packaged = Path(__file__).resolve().parent / "_native"
+    return packaged if (packaged / "csrc").is_dir() else Path(__file__).resolve().parent.parent
+
+
+REPO_ROOT = _native_root()
 CSRC_DIR = REPO_ROOT / "csrc"
 KERNELS_DIR = REPO_ROOT / "kernels"
 EXTENSION_NAME = "fastattn_C"
