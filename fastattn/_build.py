@@ -33,7 +33,6 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 
-
 def _native_root() -> Path:
     """Where csrc/ and kernels/ live: the checkout (editable install), or the copy that
     setup.py ships inside the package as fastattn/_native (regular install)."""
