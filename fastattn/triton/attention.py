@@ -1,0 +1,1022 @@
+"""Triton FlashAttention (the FlashAttention-2 algorithm): fused, tiled, online-softmax
+attention that never materializes the (seqlen_q x seqlen_k) score matrix.
+
+Kernels, in call order:
+
+- ``_attn_fwd_kernel``: one program per (query block, head, batch). Streams key/value
+  blocks, keeps the running row max ``m`` and row sum ``l`` in fp32 (log2 units: the softmax
+  scale is folded with log2(e) and ``exp2`` is used), writes the output and the logsumexp
+  (natural log, fp32). Key blocks a causal query block cannot see are never visited; the key
+  loop is split into full blocks (no bound or causal mask) and boundary blocks (masked).
+- ``_attn_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` in fp32.
+- ``_attn_bwd_dkdv_kernel``: one program per (key block, kv head, batch) recomputes P from the
+  saved logsumexp and accumulates dK/dV in fp32 registers. For grouped-query attention it
+  loops over the query heads of its kv head inside the kernel, so dK/dV are reduced without
+  atomics and without repeating k/v in memory.
+- ``_attn_bwd_dq_kernel``: one program per (query block, head, batch) recomputes P and dP and
+  owns its dQ rows. No atomics anywhere, so the backward is deterministic (bitwise-identical
+  gradients run to run) whatever ``options.deterministic`` says. The price is recomputing
+  Q K^T and dO V^T (7 block GEMMs instead of 5); an atomic-dQ variant inside the dK/dV kernel
+  was built and dropped: it spilled registers in every D=128 config tried (AOT).
+
+Masking semantics (see ``fastattn/options.py``): causal in both alignments through one
+``causal_shift`` (query i sees key j iff ``j <= i + causal_shift``); key_padding_mask and bool
+attn_mask are loaded as bytes (False = -inf score); a float attn_mask is added to the scaled
+scores; every mask is read through its strides (stride 0 on broadcast dims). A query row that
+sees no key keeps ``m = -inf``: the online softmax then uses 0 as its reference max (so
+``exp2(-inf - -inf)`` never occurs), the row ends with ``l = 0`` and is written as output 0 and
+lse -inf; the backward reads lse -inf as +inf, which makes every probability of that row 0, so
+its gradients are 0, never NaN.
+
+Dropout is applied to the normalized probabilities and regenerated in the backward, never
+stored: the keep decision of (b, h, i, j) is ``u >= dropout_p`` with ``u`` the first Philox
+output for seed ``rng.seed`` and counter ``(j, i, b * H + h, rng.offset)``, a pure function of
+(seed, offset, b, h, i, j) in four 32-bit counters, so no offset overflows at 128k x 128k.
+:func:`dropout_mask` materializes it (through the same Triton function) for tests.
+
+Precision: inputs fp16 / bf16 / fp32, every dot accumulates in fp32; probabilities and dS are
+rounded to the input dtype before their tensor-core dot (the casting points are marked in the
+code). fp32 inputs use ``input_precision="ieee"`` (FMA units, no tensor cores): tf32 would
+round q and k to 10 mantissa bits and fail the fp32 tolerance. With dropout the autotuner
+only tries the configs with the fewest score elements per thread (see ``select_configs``).
+
+Large tensors: batch/head/sequence offsets are formed in int64 before they meet a stride; the
+in-block offsets stay int32, so 128k-token sequences of packed qkv views do not overflow.
+
+Block configurations: ``SHIPPED_CONFIGS[arch][kernel]`` for sm_80 (Ampere, mma.sync) and
+sm_90 (Hopper, wgmma), autotuned per (head dim, causal, masks, sequence-length bucket, dtype)
+and pruned by head dim and an estimate of shared memory; the interpreter uses the small
+``INTERPRETER_CONFIGS``. Expected speeds are written down in ``docs/attention_perf.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastattn.backends import triton_interpret_enabled
+from fastattn.backends.capabilities import AttentionCapabilities
+from fastattn.options import AttentionInputs, AttentionOptions, RngState
+
+CAPABILITIES = AttentionCapabilities(min_head_dim=8, max_head_dim=256, max_seqlen=131072)
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_NEG_INF = tl.constexpr(float("-inf"))
+_POS_INF = tl.constexpr(float("inf"))
+#: Different on every dropout call: no recompilation for their divisibility or value 1.
+_PER_CALL_ARGS = ["seed", "rng_offset"]
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in fp32. UPCAST is set only under the interpreter for bf16: triton's
+    interpreter multiplies bf16 operands as their raw uint16 bits; bf16 -> fp32 is exact."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offset, bh, rows, cols, dropout_p):
+    """Keep decision for query ``rows`` x key ``cols`` (int32 blocks that broadcast against
+    each other) of head ``bh = b * H + h``: Philox(seed; j, i, bh, offset)[0] as a uniform."""
+    c0 = cols + rows * 0
+    c1 = rows + cols * 0
+    c2 = c0 * 0 + bh
+    c3 = c0 * 0 + rng_offset
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r0) >= dropout_p
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_base, v_base, kpm_base, mask_base,
+    stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
+    rows, rows_ok, offs_d, bh,
+    lo, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Key blocks [lo, hi) of one query block. MASKED: bounds and causal mask are applied (the
+    boundary blocks); otherwise every key of every block is known visible."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    start = tl.cast(lo, tl.int64)
+    kT_ptrs = k_base + start * stride_kl + offs_n[None, :] * stride_kl + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+    v_ptrs = v_base + start * stride_vl + offs_n[:, None] * stride_vl + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    kpm_ptrs = kpm_base + start * stride_kpml + offs_n * stride_kpml  # (BLOCK_N,)
+    m_ptrs = mask_base + start * stride_mk + mask_row_offs[:, None] + offs_n[None, :] * stride_mk  # (BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        cols_ok = cols < Lk
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & cols_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=cols_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        qk = _mma(q, kT, None, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
+        if MASKED:
+            visible = cols_ok[None, :]
+            if IS_CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
+            qk = tl.where(visible, qk, _NEG_INF)
+        if HAS_KPM:
+            kpm = tl.load(kpm_ptrs, mask=cols_ok, other=0)
+            qk = tl.where(kpm[None, :] != 0, qk, _NEG_INF)
+        if MASK_KIND == 1:
+            allowed = tl.load(m_ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0)
+            qk = tl.where(allowed != 0, qk, _NEG_INF)
+        if MASK_KIND == 2:
+            bias = tl.load(m_ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
+            qk = qk * qk_scale + bias * _LOG2E
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if MASKED or HAS_KPM or MASK_KIND != 0:
+            # A row that has seen no key yet keeps m = -inf; use 0 as its reference max.
+            m_ref = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        else:
+            m_ref = m_new
+        if MASK_KIND == 2:
+            p = tl.math.exp2(qk - m_ref[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, bh, rows[:, None], cols[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        # Casting point: probabilities rounded to the input dtype for the tensor-core dot.
+        acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+        m_i = m_new
+        kT_ptrs += BLOCK_N * stride_kl
+        v_ptrs += BLOCK_N * stride_vl
+        kpm_ptrs += BLOCK_N * stride_kpml
+        m_ptrs += BLOCK_N * stride_mk
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
+def _attn_fwd_kernel(
+    Q,  # (B, Lq, H, D)
+    K,  # (B, Lk, Hkv, D)
+    V,  # (B, Lk, Hkv, D)
+    KPM,  # (B, Lk) uint8 (1 = real key); unused unless HAS_KPM
+    MASK,  # (B, H, Lq, Lk) uint8 or float, broadcast dims stride 0; unused unless MASK_KIND
+    OUT,  # (B, Lq, H, D) contiguous, q's dtype
+    LSE,  # (B, H, Lq) fp32 contiguous, natural log
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_kpmb, stride_kpml,
+    stride_mb, stride_mh, stride_ml, stride_mk,
+    stride_ob, stride_ol, stride_oh,
+    H, group, Lq, Lk, causal_shift,
+    qk_scale,  # softmax_scale * log2(e)
+    dropout_p, seed, rng_offset,
+    LQ_BUCKET, LK_BUCKET,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    MASK_KIND: tl.constexpr,  # 0 none, 1 bool, 2 additive float
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # Heaviest query blocks (most visible keys) first: a shorter tail.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_kvh = off_h // group
+    bh = off_b * H + off_h
+    start_m = pid_m * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    rows_ok = rows < Lq
+    d_ok = offs_d < HEAD_DIM
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    kvh64 = off_kvh.to(tl.int64)
+    m64 = tl.cast(start_m, tl.int64)
+
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_ql + offs_m[:, None] * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh
+    kpm_base = KPM + b64 * stride_kpmb
+    mask_base = MASK + b64 * stride_mb + h64 * stride_mh + m64 * stride_ml
+    mask_row_offs = offs_m * stride_ml
+
+    if IS_CAUSAL:
+        # Keys [0, full_hi) are visible to every row of the block; none at or past hi is.
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, Lq) + causal_shift, 0), Lk)
+        full_hi = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), Lk) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        full_hi = Lk // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, mask_base,
+        stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
+        rows, rows_ok, offs_d, bh, 0, full_hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, mask_base,
+        stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
+        rows, rows_ok, offs_d, bh, full_hi, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+    )
+
+    seen = l_i > 0.0  # False: the row saw no key
+    l_safe = tl.where(seen, l_i, 1.0)
+    inv_l = tl.where(seen, 1.0 / l_safe, 0.0)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, _NEG_INF)
+    out = acc * inv_l[:, None]
+    o_ptrs = OUT + b64 * stride_ob + h64 * stride_oh + m64 * stride_ol + offs_m[:, None] * stride_ol + offs_d[None, :]
+    # Casting point: fp32 accumulator to the output dtype.
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (b64 * H + h64) * Lq + rows, lse, mask=rows_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    OUT,  # (B, Lq, H, D)
+    DO,  # (B, Lq, H, D)
+    DELTA,  # (B, H, Lq) fp32 contiguous
+    stride_ob, stride_ol, stride_oh,
+    stride_dob, stride_dol, stride_doh,
+    H, Lq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    rows64 = rows.to(tl.int64)
+    o = tl.load(OUT + b64 * stride_ob + h64 * stride_oh + rows64[:, None] * stride_ol + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows64[:, None] * stride_dol + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b64 * H + h64) * Lq + rows, delta, mask=rows < Lq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, mask_base,
+    stride_ql, stride_dol, stride_ml, mask_col_offs,
+    cols, cols_ok, kpm_ok, offs_d, bh,
+    lo, diag_end, Lq, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Query blocks [lo, Lq) against one key block, in the transposed orientation (keys x
+    queries) so that P^T and dS^T feed dV and dK without a transpose. The causal mask is
+    applied only to blocks before ``diag_end`` (a uniform branch: one loop, where two loops
+    cost registers and spilled at D=128). Rows past Lq load lse = +inf, so P = 0; key rows
+    past Lk hold k = v = 0 and only reach dK/dV rows that are never stored."""
+    offs_m = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    # Loop-invariant int32 offsets; the int64 row start is added per step.
+    qT_offs = offs_m[None, :] * stride_ql + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
+    do_offs = offs_m[:, None] * stride_dol + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    mT_offs = offs_m[None, :] * stride_ml + mask_col_offs[:, None]  # (BLOCK_N, BLOCK_M)
+    for start_m in range(lo, Lq, BLOCK_M):
+        m64 = tl.cast(start_m, tl.int64)
+        rows = start_m + offs_m
+        rows_ok = rows < Lq
+        if HEAD_DIM == BLOCK_D:
+            qT = tl.load(q_base + m64 * stride_ql + qT_offs, mask=rows_ok[None, :], other=0.0)
+            do = tl.load(do_base + m64 * stride_dol + do_offs, mask=rows_ok[:, None], other=0.0)
+        else:
+            qT = tl.load(q_base + m64 * stride_ql + qT_offs, mask=d_ok[:, None] & rows_ok[None, :], other=0.0)
+            do = tl.load(do_base + m64 * stride_dol + do_offs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + rows, mask=rows_ok, other=_POS_INF)
+        delta = tl.load(delta_base + rows, mask=rows_ok, other=0.0)
+        # lse = -inf marks a row that saw no key: +inf makes all its probabilities 0.
+        lse2 = tl.where(lse == _NEG_INF, _POS_INF, lse) * _LOG2E
+        qkT = _mma(k, qT, None, DOT_PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M) fp32
+        if MASK_KIND == 2:
+            bias = tl.load(mask_base + m64 * stride_ml + mT_offs, mask=cols_ok[:, None] & rows_ok[None, :],
+                           other=0.0).to(tl.float32)
+            pT = tl.math.exp2(qkT * qk_scale + bias * _LOG2E - lse2[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if IS_CAUSAL:
+            if start_m < diag_end:
+                pT = tl.where(cols[:, None] <= rows[None, :] + causal_shift, pT, 0.0)
+        if HAS_KPM:
+            pT = tl.where(kpm_ok[:, None], pT, 0.0)
+        if MASK_KIND == 1:
+            allowed = tl.load(mask_base + m64 * stride_ml + mT_offs, mask=cols_ok[:, None] & rows_ok[None, :], other=0)
+            pT = tl.where(allowed != 0, pT, 0.0)
+        dpT = _mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M) fp32
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, bh, rows[None, :], cols[:, None], dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            pdT = tl.where(keep, pT * inv_keep, 0.0)
+            dpT = tl.where(keep, dpT * inv_keep, 0.0)
+        else:
+            pdT = pT
+        # Casting points: dropped probabilities and dS^T rounded to the input dtype for the dots.
+        dv = _mma(pdT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dsT_in = dsT.to(qT.dtype)
+        dk = _mma(dsT_in, tl.trans(qT), dk, DOT_PRECISION, UPCAST)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
+def _attn_bwd_dkdv_kernel(
+    Q,  # (B, Lq, H, D)
+    K,  # (B, Lk, Hkv, D)
+    V,  # (B, Lk, Hkv, D)
+    KPM,  # (B, Lk) uint8; unused unless HAS_KPM
+    MASK,  # (B, H, Lq, Lk) uint8 or float; unused unless MASK_KIND
+    DO,  # (B, Lq, H, D)
+    LSE,  # (B, H, Lq) fp32
+    DELTA,  # (B, H, Lq) fp32
+    DK,  # (B, Lk, Hkv, D) contiguous, k's dtype
+    DV,  # (B, Lk, Hkv, D) contiguous, v's dtype
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_kpmb, stride_kpml,
+    stride_mb, stride_mh, stride_ml, stride_mk,
+    stride_dob, stride_dol, stride_doh,
+    stride_dkb, stride_dkl, stride_dkh,
+    H, group, Lq, Lk, causal_shift, qk_scale, softmax_scale,
+    dropout_p, seed, rng_offset,
+    LQ_BUCKET, LK_BUCKET,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_kvh = tl.program_id(1)
+    off_b = tl.program_id(2)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+    cols_ok = cols < Lk
+    d_ok = offs_d < HEAD_DIM
+    b64 = off_b.to(tl.int64)
+    kvh64 = off_kvh.to(tl.int64)
+    n64 = tl.cast(start_n, tl.int64)
+    tile_ok = cols_ok[:, None] & d_ok[None, :]
+    k_off = b64 * stride_kb + kvh64 * stride_kh + n64 * stride_kl
+    k = tl.load(K + k_off + offs_n[:, None] * stride_kl + offs_d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v_off = b64 * stride_vb + kvh64 * stride_vh + n64 * stride_vl
+    v = tl.load(V + v_off + offs_n[:, None] * stride_vl + offs_d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    if HAS_KPM:
+        kpm_ok = tl.load(KPM + b64 * stride_kpmb + cols * stride_kpml, mask=cols_ok, other=0) != 0
+    else:
+        kpm_ok = cols_ok
+    mask_col_offs = offs_n * stride_mk
+
+    # Query blocks [m_lo, m_full) cross the causal diagonal of this key block; from m_full on,
+    # every row sees every key of it. Above m_lo no row sees any of its keys.
+    if IS_CAUSAL:
+        m_lo = tl.minimum(tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M, Lq)
+        diag = tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0)
+        m_full = tl.minimum(tl.maximum((diag + BLOCK_M - 1) // BLOCK_M * BLOCK_M, m_lo), Lq)
+    else:
+        m_lo = start_n * 0
+        m_full = m_lo
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, group):
+        off_h = off_kvh * group + g
+        h64 = off_h.to(tl.int64)
+        bh = off_b * H + off_h
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        do_base = DO + b64 * stride_dob + h64 * stride_doh
+        lse_base = LSE + (b64 * H + h64) * Lq
+        delta_base = DELTA + (b64 * H + h64) * Lq
+        mask_base = MASK + b64 * stride_mb + h64 * stride_mh + n64 * stride_mk
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+            stride_ql, stride_dol, stride_ml, mask_col_offs,
+            cols, cols_ok, kpm_ok, offs_d, bh, m_lo, m_full, Lq, causal_shift, qk_scale,
+            dropout_p, seed, rng_offset,
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+        )
+
+    dk = dk * softmax_scale
+    out_off = b64 * stride_dkb + kvh64 * stride_dkh + n64 * stride_dkl + offs_n[:, None] * stride_dkl + offs_d[None, :]
+    # Casting points: fp32 accumulators to the gradients' dtypes.
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=tile_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    k_base, v_base, kpm_base, mask_base,
+    stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
+    rows, rows_ok, offs_d, bh,
+    lo, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Key blocks [lo, hi) of one query block: dQ += dS K with dS recomputed."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    start = tl.cast(lo, tl.int64)
+    kT_ptrs = k_base + start * stride_kl + offs_n[None, :] * stride_kl + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+    vT_ptrs = v_base + start * stride_vl + offs_n[None, :] * stride_vl + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+    kpm_ptrs = kpm_base + start * stride_kpml + offs_n * stride_kpml  # (BLOCK_N,)
+    m_ptrs = mask_base + start * stride_mk + mask_row_offs[:, None] + offs_n[None, :] * stride_mk  # (BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        cols_ok = cols < Lk
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & cols_ok[None, :], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None] & cols_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = _mma(q, kT, None, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
+        if MASK_KIND == 2:
+            bias = tl.load(m_ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
+            p = tl.math.exp2(qk * qk_scale + bias * _LOG2E - lse2[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            visible = cols_ok[None, :]
+            if IS_CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
+            p = tl.where(visible, p, 0.0)
+        if HAS_KPM:
+            kpm = tl.load(kpm_ptrs, mask=cols_ok, other=0)
+            p = tl.where(kpm[None, :] != 0, p, 0.0)
+        if MASK_KIND == 1:
+            allowed = tl.load(m_ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0)
+            p = tl.where(allowed != 0, p, 0.0)
+        dp = _mma(do, vT, None, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, bh, rows[:, None], cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        # Casting point: dS rounded to the input dtype for the dot.
+        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION, UPCAST)
+        kT_ptrs += BLOCK_N * stride_kl
+        vT_ptrs += BLOCK_N * stride_vl
+        kpm_ptrs += BLOCK_N * stride_kpml
+        m_ptrs += BLOCK_N * stride_mk
+    return dq
+
+
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
+def _attn_bwd_dq_kernel(
+    Q,  # (B, Lq, H, D)
+    K,  # (B, Lk, Hkv, D)
+    V,  # (B, Lk, Hkv, D)
+    KPM,  # (B, Lk) uint8; unused unless HAS_KPM
+    MASK,  # (B, H, Lq, Lk) uint8 or float; unused unless MASK_KIND
+    DO,  # (B, Lq, H, D)
+    LSE,  # (B, H, Lq) fp32
+    DELTA,  # (B, H, Lq) fp32
+    DQ,  # (B, Lq, H, D) contiguous, q's dtype
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_kpmb, stride_kpml,
+    stride_mb, stride_mh, stride_ml, stride_mk,
+    stride_dob, stride_dol, stride_doh,
+    stride_dqb, stride_dql, stride_dqh,
+    H, group, Lq, Lk, causal_shift, qk_scale, softmax_scale,
+    dropout_p, seed, rng_offset,
+    LQ_BUCKET, LK_BUCKET,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_kvh = off_h // group
+    bh = off_b * H + off_h
+    start_m = pid_m * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    rows_ok = rows < Lq
+    d_ok = offs_d < HEAD_DIM
+    tile_ok = rows_ok[:, None] & d_ok[None, :]
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    kvh64 = off_kvh.to(tl.int64)
+    m64 = tl.cast(start_m, tl.int64)
+
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_ql + offs_m[:, None] * stride_ql + offs_d[None, :],
+                mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dol + offs_m[:, None] * stride_dol + offs_d[None, :],
+                 mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+    lse = tl.load(LSE + (b64 * H + h64) * Lq + rows, mask=rows_ok, other=_POS_INF)
+    lse2 = tl.where(lse == _NEG_INF, _POS_INF, lse) * _LOG2E  # rows that saw no key: P = 0
+    delta = tl.load(DELTA + (b64 * H + h64) * Lq + rows, mask=rows_ok, other=0.0)
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh
+    kpm_base = KPM + b64 * stride_kpmb
+    mask_base = MASK + b64 * stride_mb + h64 * stride_mh + m64 * stride_ml
+    mask_row_offs = offs_m * stride_ml
+
+    if IS_CAUSAL:
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, Lq) + causal_shift, 0), Lk)
+        full_hi = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), Lk) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        full_hi = Lk // BLOCK_N * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, kpm_base, mask_base,
+        stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
+        rows, rows_ok, offs_d, bh, 0, full_hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, kpm_base, mask_base,
+        stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
+        rows, rows_ok, offs_d, bh, full_hi, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+    )
+    dq = dq * softmax_scale
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dql + offs_m[:, None] * stride_dql + offs_d[None, :]
+    # Casting point: fp32 accumulator to q's dtype.
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
+def _dropout_mask_kernel(
+    KEEP,  # (B, H, Lq, Lk) uint8 contiguous
+    H, Lq, Lk, dropout_p, seed, rng_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(2) * H + tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    base = KEEP + bh.to(tl.int64) * Lq * Lk + rows.to(tl.int64)[:, None] * Lk
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + offs_n
+        keep = _dropout_keep(seed, rng_offset, bh, rows[:, None], cols[None, :], dropout_p)
+        tl.store(base + cols[None, :], keep.to(tl.uint8), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One block configuration. For the forward and dQ kernels BLOCK_M is the query block of a
+    program and BLOCK_N the key step; for dK/dV BLOCK_N is the key block of a program and
+    BLOCK_M the query step. ``block_ds``: the BLOCK_D (padded head dims) it is shipped for;
+    ``fp32``: shipped for fp32 inputs (whose IEEE dots run on FMA units, not tensor cores, so
+    small tiles lose nothing and keep compile time and registers low) instead of fp16/bf16."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    block_ds: tuple
+    fp32: bool = False
+
+    def triton_config(self) -> "triton.Config":
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
+                             num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @property
+    def elements_per_thread(self) -> int:
+        """Score-tile elements each thread holds (BLOCK_M x BLOCK_N over the threads)."""
+        return self.block_m * self.block_n // (32 * self.num_warps)
+
+    def shared_bytes_estimate(self, kernel: str, block_d: int, elem: int) -> int:
+        """Pipelined operand tiles (plus dK/dV's transposed q and dO tiles); matches the
+        compiled kernels to a few KiB (measured with the AOT test)."""
+        m, n, s = self.block_m, self.block_n, self.num_stages
+        if kernel == "fwd":
+            return elem * block_d * (m + 2 * s * n)
+        if kernel == "dkdv":
+            return elem * block_d * (2 * n + 2 * s * m + 2 * m)
+        return elem * block_d * (2 * m + 2 * s * n)
+
+
+_SMALL_D = (16, 32, 64)
+#: fp32 (IEEE) configs, both architectures: the smallest spills measured at AOT (FMA dots keep
+#: whole operand rows in registers; every fp32 tile tried spills somewhere, see the docs).
+_FP32_CONFIGS = {
+    "fwd": (KernelConfig(32, 16, 4, 2, _SMALL_D + (128,), True), KernelConfig(16, 16, 4, 2, (256,), True)),
+    "dkdv": (KernelConfig(16, 32, 4, 2, _SMALL_D + (128,), True), KernelConfig(16, 16, 4, 2, (256,), True)),
+    "dq": (KernelConfig(32, 32, 4, 2, _SMALL_D + (128,), True), KernelConfig(16, 32, 4, 2, (256,), True)),
+}
+#: Shipped configurations per architecture family (80: Ampere/Ada, 90: Hopper and later). Each
+#: fp16/bf16 config compiles without register spills at the largest BLOCK_D it serves (AOT test).
+SHIPPED_CONFIGS: dict[int, dict[str, tuple[KernelConfig, ...]]] = {
+    80: {
+        "fwd": (
+            KernelConfig(128, 64, 8, 2, _SMALL_D),
+            KernelConfig(64, 64, 4, 3, _SMALL_D),
+            KernelConfig(128, 32, 8, 2, (128,)),
+            KernelConfig(64, 64, 8, 2, (128,)),
+            KernelConfig(64, 32, 8, 2, (256,)),
+            KernelConfig(32, 32, 4, 2, (256,)),
+        ) + _FP32_CONFIGS["fwd"],
+        "dkdv": (
+            KernelConfig(32, 128, 8, 2, _SMALL_D),
+            KernelConfig(32, 64, 4, 3, _SMALL_D),
+            KernelConfig(32, 64, 8, 2, (128,)),
+            KernelConfig(32, 64, 8, 3, (128,)),
+            KernelConfig(32, 32, 8, 2, (256,)),
+        ) + _FP32_CONFIGS["dkdv"],
+        "dq": (
+            KernelConfig(128, 32, 8, 2, _SMALL_D),
+            KernelConfig(64, 32, 4, 2, _SMALL_D + (128,)),
+            KernelConfig(64, 64, 8, 2, (128,)),
+            KernelConfig(64, 32, 8, 2, (256,)),
+            KernelConfig(32, 32, 4, 2, (256,)),
+        ) + _FP32_CONFIGS["dq"],
+    },
+    90: {
+        "fwd": (
+            KernelConfig(128, 128, 8, 3, _SMALL_D),
+            KernelConfig(128, 128, 8, 2, _SMALL_D),
+            KernelConfig(64, 64, 4, 3, _SMALL_D),
+            KernelConfig(128, 64, 8, 3, (128,)),
+            KernelConfig(128, 64, 8, 2, (128,)),
+            KernelConfig(128, 32, 8, 3, (128, 256)),
+            KernelConfig(64, 32, 4, 3, (256,)),
+        ) + _FP32_CONFIGS["fwd"],
+        "dkdv": (
+            KernelConfig(32, 128, 8, 3, _SMALL_D),
+            KernelConfig(64, 128, 8, 2, _SMALL_D),
+            KernelConfig(32, 64, 4, 2, _SMALL_D),
+            KernelConfig(32, 128, 8, 2, (128,)),
+            KernelConfig(32, 64, 8, 2, (128,)),
+            # BLOCK_N = 32 < 64 rows per warpgroup: mma.sync, not wgmma; every wgmma tile spilled.
+            KernelConfig(32, 32, 8, 2, (256,)),
+        ) + _FP32_CONFIGS["dkdv"],
+        "dq": (
+            KernelConfig(128, 64, 8, 3, _SMALL_D),
+            KernelConfig(128, 128, 8, 2, _SMALL_D),
+            KernelConfig(128, 64, 8, 2, (128,)),
+            KernelConfig(128, 32, 8, 2, (128, 256)),
+            KernelConfig(32, 32, 4, 2, (256,)),
+        ) + _FP32_CONFIGS["dq"],
+    },
+}
+
+#: Under TRITON_INTERPRET=1: small blocks (fast tests, many boundary cases), no autotuning.
+INTERPRETER_CONFIGS = {
+    "fwd": KernelConfig(32, 16, 4, 1, ()),
+    "dkdv": KernelConfig(16, 32, 4, 1, ()),
+    "dq": KernelConfig(32, 16, 4, 1, ()),
+}
+#: Elements of O (and of dO) per preprocess program: 32 per thread of 4 warps, no spills.
+_PREPROCESS_TILE = 4096
+_DROPOUT_MASK_BLOCK = 32
+
+
+def arch_family(capability: tuple[int, int]) -> int:
+    """The SHIPPED_CONFIGS key for a compute capability."""
+    return 90 if capability[0] >= 9 else 80
+
+
+def _preprocess_block_m(block_d: int) -> int:
+    return min(128, _PREPROCESS_TILE // block_d)
+
+
+def block_d_for(head_dim: int) -> int:
+    # tl.dot needs an inner dimension of at least 16.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_bytes(device_index: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return int(props["max_shared_mem"])
+
+
+def select_configs(
+    kernel: str, arch: int, block_d: int, elem_size: int, shared_limit: int, has_dropout: bool = False
+) -> list[KernelConfig]:
+    """The shipped configs the autotuner may try: those for this BLOCK_D and dtype class whose
+    tiles fit in ``shared_limit`` bytes, else (a GPU with less shared memory) the one with the
+    smallest estimate. With dropout only those with the fewest score elements per thread:
+    Philox keeps four 32-bit words per element live, and the larger tiles spilled. Never empty."""
+    fp32 = elem_size == 4
+    candidates = [c for c in SHIPPED_CONFIGS[arch][kernel] if block_d in c.block_ds and c.fp32 == fp32]
+    fitting = [c for c in candidates if c.shared_bytes_estimate(kernel, block_d, elem_size) <= shared_limit]
+    chosen = fitting or [min(candidates, key=lambda c: c.shared_bytes_estimate(kernel, block_d, elem_size))]
+    if has_dropout:
+        least = min(c.elements_per_thread for c in chosen)
+        chosen = [c for c in chosen if c.elements_per_thread == least]
+    return chosen
+
+
+def _prune(kernel: str, arch: int, configs, named_args, **kwargs):
+    q = named_args["Q"]
+    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    chosen = select_configs(kernel, arch, kwargs["BLOCK_D"], q.element_size(), _max_shared_bytes(device_index),
+                            kwargs["HAS_DROPOUT"])
+    keys = {(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in chosen}
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keys]
+
+
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_TUNING_KEYS = ["HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT", "LQ_BUCKET", "LK_BUCKET"]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel: str, arch: int):
+    """The autotuned kernel for an architecture family, built on first use (not at import)."""
+    # One triton.Config per distinct launch shape (an fp16 and an fp32 config may share one).
+    unique = {(c.block_m, c.block_n, c.num_warps, c.num_stages): c for c in SHIPPED_CONFIGS[arch][kernel]}
+    return triton.autotune(
+        configs=[c.triton_config() for c in unique.values()],
+        key=_TUNING_KEYS,
+        prune_configs_by={"early_config_prune": functools.partial(_prune, kernel, arch)},
+    )(_KERNELS[kernel])
+
+
+def _seq_bucket(n: int) -> int:
+    """Sequence lengths enter the tuning key by power-of-two bucket, so new lengths reuse it."""
+    return triton.next_power_of_2(n)
+
+
+def _launch(kernel: str, grid_rows: int, batch: int, heads: int, args: tuple, constexprs: dict) -> None:
+    """Launch ``kernel`` over (blocks of grid_rows, heads, batch) with the interpreter config
+    or the autotuned one for this GPU."""
+    if triton_interpret_enabled():
+        cfg = INTERPRETER_CONFIGS[kernel]
+        block = cfg.block_n if kernel == "dkdv" else cfg.block_m
+        grid = (triton.cdiv(grid_rows, block), heads, batch)
+        _KERNELS[kernel][grid](*args, **constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    arch = arch_family(torch.cuda.get_device_capability(args[0].device))
+    block_name = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
+
+    def grid(meta):
+        return (triton.cdiv(grid_rows, meta[block_name]), heads, batch)
+
+    _autotuned(kernel, arch)[grid](*args, **constexprs)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+def _on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not on whichever device is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _causal_shift(inputs: AttentionInputs, options: AttentionOptions) -> int:
+    if options.causal and options.causal_alignment == "bottom_right":
+        return inputs.seqlen_k - inputs.seqlen_q
+    return 0
+
+
+def _mask_args(inputs: AttentionInputs):
+    """(kpm tensor, kpm strides, mask tensor, mask strides, mask kind). Bool masks are read as
+    bytes (a zero-copy view); absent masks pass q as an untouched placeholder pointer."""
+    kpm = inputs.key_padding_mask
+    if kpm is None:
+        kpm_t, kpm_strides = inputs.q, (0, 0)
+    else:
+        kpm_t = kpm.view(torch.uint8)
+        kpm_strides = (kpm_t.stride(0), kpm_t.stride(1))
+    mask = inputs.attn_mask
+    if mask is None:
+        return kpm_t, kpm_strides, inputs.q, (0, 0, 0, 0), 0
+    kind = 1 if mask.dtype == torch.bool else 2
+    mask_t = mask.view(torch.uint8) if kind == 1 else mask
+    return kpm_t, kpm_strides, mask_t, tuple(mask_t.stride()), kind
+
+
+def _rng_args(options: AttentionOptions, rng: Optional[RngState]) -> tuple[float, int, int, bool]:
+    if options.dropout_p > 0.0:
+        if rng is None:
+            raise ValueError("dropout_p > 0 needs an RngState")
+        return float(options.dropout_p), int(rng.seed), int(rng.offset), True
+    return 0.0, 0, 0, False
+
+
+def _common_constexprs(inputs: AttentionInputs, options: AttentionOptions, mask_kind: int, has_dropout: bool) -> dict:
+    dtype = inputs.dtype
+    return dict(
+        HEAD_DIM=inputs.head_dim,
+        BLOCK_D=block_d_for(inputs.head_dim),
+        IS_CAUSAL=bool(options.causal),
+        HAS_KPM=inputs.key_padding_mask is not None,
+        MASK_KIND=mask_kind,
+        HAS_DROPOUT=has_dropout,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST=triton_interpret_enabled() and dtype == torch.bfloat16,
+    )
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, seqlen, head) strides of a (B, L, H, D) tensor whose last dim is contiguous."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+# --------------------------------------------------------------------------------------------
+# Primitives
+# --------------------------------------------------------------------------------------------
+def forward(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[RngState]):
+    """out (B, Lq, H, D) in q's dtype, lse (B, H, Lq) fp32 natural log (-inf: row saw no key)."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    b, lq, h, _ = q.shape
+    lk, hkv = inputs.seqlen_k, inputs.nheads_kv
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    kpm_t, kpm_strides, mask_t, mask_strides, mask_kind = _mask_args(inputs)
+    dropout_p, seed, offset, has_dropout = _rng_args(options, rng)
+    args = (
+        q, k, v, kpm_t, mask_t, out, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *kpm_strides, *mask_strides, *_strides3(out),
+        h, h // hkv, lq, lk, _causal_shift(inputs, options),
+        options.softmax_scale * math.log2(math.e),
+        dropout_p, seed, offset, _seq_bucket(lq), _seq_bucket(lk),
+    )
+    with _on_device(q):
+        _launch("fwd", lq, b, h, args, _common_constexprs(inputs, options, mask_kind, has_dropout))
+    return out, lse
+
+
+def backward(
+    dout: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    inputs: AttentionInputs,
+    options: AttentionOptions,
+    rng: Optional[RngState],
+):
+    """(dq, dk, dv) with q/k/v's shapes and dtypes; dk/dv summed over each kv head's group.
+    Always deterministic (no atomics), so ``options.deterministic`` needs nothing extra."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    b, lq, h, d = q.shape
+    lk, hkv = inputs.seqlen_k, inputs.nheads_kv
+    device = q.device
+    lse = lse.contiguous()
+    block_d = block_d_for(d)
+
+    with _on_device(q):
+        delta = torch.empty((b, h, lq), dtype=torch.float32, device=device)
+        pre_block_m = _preprocess_block_m(block_d)
+        _attn_bwd_preprocess_kernel[(triton.cdiv(lq, pre_block_m), h, b)](
+            out, dout, delta, *_strides3(out), *_strides3(dout), h, lq,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_block_m,
+        )
+
+        dk = torch.empty(k.shape, dtype=k.dtype, device=device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=device)
+        kpm_t, kpm_strides, mask_t, mask_strides, mask_kind = _mask_args(inputs)
+        dropout_p, seed, offset, has_dropout = _rng_args(options, rng)
+        constexprs = _common_constexprs(inputs, options, mask_kind, has_dropout)
+        shift = _causal_shift(inputs, options)
+        qk_scale = options.softmax_scale * math.log2(math.e)
+        tail = (
+            h, h // hkv, lq, lk, shift, qk_scale, options.softmax_scale,
+            dropout_p, seed, offset, _seq_bucket(lq), _seq_bucket(lk),
+        )
+        dkdv_args = (
+            q, k, v, kpm_t, mask_t, dout, lse, delta, dk, dv,
+            *_strides3(q), *_strides3(k), *_strides3(v), *kpm_strides, *mask_strides, *_strides3(dout),
+            *_strides3(dk), *tail,
+        )
+        _launch("dkdv", lk, b, hkv, dkdv_args, constexprs)
+
+        dq = torch.empty(q.shape, dtype=q.dtype, device=device)
+        dq_args = (
+            q, k, v, kpm_t, mask_t, dout, lse, delta, dq,
+            *_strides3(q), *_strides3(k), *_strides3(v), *kpm_strides, *mask_strides, *_strides3(dout),
+            *_strides3(dq), *tail,
+        )
+        _launch("dq", lq, b, h, dq_args, constexprs)
+    return dq, dk, dv
+
+
+def dropout_mask(inputs: AttentionInputs, options: AttentionOptions, rng: RngState) -> torch.Tensor:
+    """bool (B, H, Lq, Lk): the keep mask the kernels draw for this rng (True = kept), made by
+    the same Triton function. For tests; the kernels never store it."""
+    b, lq, h, _ = inputs.q.shape
+    lk = inputs.seqlen_k
+    keep = torch.empty((b, h, lq, lk), dtype=torch.uint8, device=inputs.device)
+    grid = (triton.cdiv(lq, _DROPOUT_MASK_BLOCK), h, b)
+    with _on_device(keep):
+        _dropout_mask_kernel[grid](
+            keep, h, lq, lk, float(options.dropout_p), int(rng.seed), int(rng.offset),
+            BLOCK_M=_DROPOUT_MASK_BLOCK, BLOCK_N=_DROPOUT_MASK_BLOCK,
+        )
+    return keep.view(torch.bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compilation specs (protocol of fastattn.triton.aot)
+# --------------------------------------------------------------------------------------------
+_TENSOR_ARGS = {"Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"}
+_FP32_ARGS = {"LSE", "DELTA", "qk_scale", "softmax_scale", "dropout_p"}
+_BYTE_ARGS = {"KPM", "MASK", "KEEP"}
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+#: Arguments that a typical launch makes 16-divisible (pointers and q/k/v/o strides), so the
+#: AOT build vectorizes its loads as the run-time specialization does.
+AOT_DIVISIBLE_BY_16 = tuple(
+    f"stride_{t}{d}" for t in ("q", "k", "v", "o", "do", "dk", "dq") for d in ("b", "l", "h")
+)
+
+
+def _aot_signature(kernel, dtype: torch.dtype, constexprs: dict, ones: tuple = ()) -> tuple[dict, dict]:
+    """Runtime-argument types of ``kernel`` for ``dtype`` inputs; ``ones`` are integer arguments
+    the launch would pass as 1, which triton specializes into constants."""
+    signature, consts = {}, dict(constexprs)
+    for name in kernel.arg_names:
+        if name in consts:
+            continue
+        if name in ones:
+            consts[name] = 1
+        elif name in _TENSOR_ARGS:
+            signature[name] = "*" + _TRITON_DTYPE[dtype]
+        elif name in _BYTE_ARGS:
+            signature[name] = "*u8"
+        elif name in _FP32_ARGS:
+            signature[name] = "*fp32" if name.isupper() else "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, consts
+
+
+def aot_specs(arch: int):
+    """One AotSpec per shipped configuration of the forward, dK/dV and dQ kernels for
+    ``sm_<arch>``, at the largest BLOCK_D it serves, bf16 (fp32 for the fp32 configs), causal
+    without masks (the performance path); plus, per kernel, the config chosen for dropout at
+    D=128 compiled with every feature on (both masks, dropout); and the backward preprocess."""
+    from fastattn.triton.aot import AotSpec, max_shared
+
+    family = arch_family((arch // 10, arch % 10))
+    base = dict(IS_CAUSAL=True, HAS_KPM=False, MASK_KIND=0, HAS_DROPOUT=False, UPCAST=False)
+    full = dict(base, HAS_KPM=True, MASK_KIND=2, HAS_DROPOUT=True)
+    for kernel, configs in SHIPPED_CONFIGS[family].items():
+        jit_fn = _KERNELS[kernel]
+        cases = [(cfg, max(cfg.block_ds), base, ()) for cfg in configs]
+        dropout_cfg = select_configs(kernel, family, 128, 2, max_shared(arch), has_dropout=True)[0]
+        # A launch with masks passes their contiguous last stride, 1, which triton makes a constant.
+        cases.append((dropout_cfg, 128, full, ("stride_kpml", "stride_mk")))
+        for cfg, block_d, flags, ones in cases:
+            dtype = torch.float32 if cfg.fp32 else torch.bfloat16
+            constexprs = dict(
+                flags, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                DOT_PRECISION="ieee" if cfg.fp32 else "tf32",
+            )
+            signature, constexprs = _aot_signature(jit_fn, dtype, constexprs, ones)
+            features = "all-features" if flags["HAS_DROPOUT"] else "causal"
+            name = (f"{kernel} {_TRITON_DTYPE[dtype]} D{block_d} {features} "
+                    f"M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
+            divisible = tuple(n for n in AOT_DIVISIBLE_BY_16 if n in signature)
+            yield AotSpec(name, jit_fn, signature, constexprs, cfg.num_warps, cfg.num_stages, divisible)
+    signature, constexprs = _aot_signature(
+        _attn_bwd_preprocess_kernel, torch.bfloat16, dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_M=_preprocess_block_m(256))
+    )
+    yield AotSpec("bwd_preprocess bf16 D256", _attn_bwd_preprocess_kernel, signature, constexprs, 4, 1)
