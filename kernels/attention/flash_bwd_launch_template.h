@@ -1,0 +1,59 @@
+// Launches of the backward kernels for one (dtype, head-dim bucket, dropout) configuration.
+// Included only by the generated instantiation files (instantiations/flash_bwd_*.cu).
+#pragma once
+
+#include "../common/cuda_check.h"
+#include "flash_bwd_kernel.cuh"
+#include "flash_params.h"
+
+namespace fastattn {
+namespace flash {
+
+template <typename Tr>
+cudaError_t launch_flash_bwd_dkdv(const FlashBwdParams& params, cudaStream_t stream) {
+  auto kernel = &flash_bwd_dkdv_kernel<Tr>;
+  constexpr int kSmem = Tr::kSmemBytes;
+  if (kSmem >= 48 * 1024) {
+    FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  }
+  const dim3 grid((params.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, params.nheads_kv, params.batch);
+  kernel<<<grid, Tr::kNThreads, kSmem, stream>>>(params);
+  FASTATTN_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+template <typename Tr>
+cudaError_t launch_flash_bwd_dq(const FlashBwdParams& params, cudaStream_t stream) {
+  auto kernel = &flash_bwd_dq_kernel<Tr>;
+  constexpr int kSmem = Tr::kSmemBytes;
+  if (kSmem >= 48 * 1024) {
+    FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  }
+  const dim3 grid((params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, params.nheads, params.batch);
+  kernel<<<grid, Tr::kNThreads, kSmem, stream>>>(params);
+  FASTATTN_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+// dK/dV (and, non-deterministic, dQ through atomics) then, deterministic, the dQ kernel.
+// Expects delta from run_flash_bwd_preprocess_ and, non-deterministic, a zeroed dq_accum.
+template <typename T, int kHeadDim, bool kIsDropout>
+cudaError_t run_flash_bwd_(const FlashBwdParams& params, cudaStream_t stream) {
+  if (params.deterministic) {
+    FASTATTN_CUDA_TRY((launch_flash_bwd_dkdv<BwdDkdvTraitsFor<T, kHeadDim, kIsDropout, false>>(params, stream)));
+    return launch_flash_bwd_dq<BwdDqTraitsFor<T, kHeadDim, kIsDropout>>(params, stream);
+  }
+  return launch_flash_bwd_dkdv<BwdDkdvTraitsFor<T, kHeadDim, kIsDropout, true>>(params, stream);
+}
+
+template <typename T>
+cudaError_t run_flash_bwd_preprocess_(const FlashBwdParams& params, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(params.batch) * params.seqlen_q * params.nheads;
+  const dim3 grid(static_cast<unsigned>((rows + kPreprocessWarps - 1) / kPreprocessWarps));
+  flash_bwd_preprocess_kernel<T><<<grid, kPreprocessWarps * 32, 0, stream>>>(params);
+  FASTATTN_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+}  // namespace flash
+}  // namespace fastattn

@@ -1,0 +1,107 @@
+// Parameters of the FlashAttention-2 kernels and the plain C++ entry points that launch them.
+//
+// Filled by csrc/attention.cpp (the only place that sees torch tensors). Strides are in
+// elements. Contract with the host:
+//   * q, k, v, out, dout and the gradients have a contiguous last dim, head_dim % 8 == 0,
+//     16-byte aligned base pointers and strides that are multiples of 8 elements (the host
+//     pads / copies when the user's tensors are not), so 16-byte vector accesses are legal;
+//   * head_dim <= 256; the kernel instantiated for the next larger bucket (32, 64, 96, 128,
+//     192, 256) serves it, masking the columns >= head_dim;
+//   * lse, delta and dq_accum are fp32 and contiguous with the layouts given below.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../common/static_switch.h"
+
+namespace fastattn {
+namespace flash {
+
+// How attn_mask's elements are read.
+enum class MaskKind : int {
+  kNone = 0,
+  kBool = 1,       // 1 byte per element, 0 = the key is ignored
+  kElemType = 2,   // q's dtype (fp16 / bf16), added to the scaled scores
+  kFloat32 = 3,    // fp32, added to the scaled scores
+};
+
+// Fields shared by forward and backward.
+struct FlashAttnParams {
+  const void* q;  // (B, Lq, H, D)
+  const void* k;  // (B, Lk, Hkv, D)
+  const void* v;  // (B, Lk, Hkv, D)
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+
+  const uint8_t* key_padding_mask;  // (B, Lk) bool, 0 = padding; or nullptr
+  int64_t kpm_batch_stride, kpm_col_stride;
+
+  const void* attn_mask;  // (B, H, Lq, Lk), any strides (0 = broadcast); or nullptr
+  MaskKind attn_mask_kind;
+  int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
+
+  int batch, nheads, nheads_kv, seqlen_q, seqlen_k;
+  int head_dim;  // the real head dim (multiple of 8, <= the kernel's bucket)
+
+  float softmax_scale;
+  float scale_log2;  // softmax_scale * log2(e): the kernels work with exp2
+
+  bool is_causal;
+  int causal_shift;  // query i sees key j iff j <= i + causal_shift (Lk - Lq or 0)
+
+  bool is_dropout;
+  uint32_t dropout_threshold;  // dropped iff philox bits < threshold (common/philox.cuh)
+  float rp_dropout;            // 1 / (1 - p)
+  uint64_t seed, offset;
+
+  DType dtype;  // kFloat16 or kBFloat16
+
+  __host__ __device__ bool has_element_mask() const { return key_padding_mask != nullptr || attn_mask != nullptr; }
+};
+
+struct FlashFwdParams : FlashAttnParams {
+  void* out;  // (B, Lq, H, D)
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  float* lse;  // (B, H, Lq) contiguous, natural log; -inf for rows that see no key
+};
+
+struct FlashBwdParams : FlashAttnParams {
+  const void* out;   // (B, Lq, H, D)
+  const void* dout;  // (B, Lq, H, D)
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  const float* lse;  // (B, H, Lq) contiguous
+  float* delta;      // (B, H, Lq) contiguous, written by the preprocess kernel
+  float* dq_accum;   // (B, Lq, H, D) contiguous fp32, zero-initialised; unused when deterministic
+  void* dq;          // (B, Lq, H, D); written only when deterministic
+  void* dk;          // (B, Lk, Hkv, D)
+  void* dv;          // (B, Lk, Hkv, D)
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  // false: dq accumulates in dq_accum with fp32 atomics inside the dK/dV kernel (the host
+  // scales and casts it); true: a separate dQ kernel loops over key blocks, no atomics.
+  bool deterministic;
+};
+
+// Per (dtype, head-dim bucket, dropout) launchers, explicitly instantiated in the generated
+// files under instantiations/ (generate_instantiations.py).
+template <typename T, int kHeadDim, bool kIsDropout>
+cudaError_t run_flash_fwd_(const FlashFwdParams& params, cudaStream_t stream);
+
+template <typename T, int kHeadDim, bool kIsDropout>
+cudaError_t run_flash_bwd_(const FlashBwdParams& params, cudaStream_t stream);
+
+template <typename T>
+cudaError_t run_flash_bwd_preprocess_(const FlashBwdParams& params, cudaStream_t stream);
+
+// Entry points for the host glue: dispatch on dtype, head dim and dropout (flash_api.cu).
+cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream);
+// Preprocess (delta = rowsum(dout * out)), then the dK/dV kernel, then (deterministic) dQ.
+cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream);
+
+}  // namespace flash
+}  // namespace fastattn

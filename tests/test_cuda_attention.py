@@ -1,0 +1,595 @@
+"""CUDA FlashAttention-2 (fastattn.cuda.attention, kernels/attention/) against the float64
+reference.
+
+Two ways to run the same kernel code:
+
+- On a GPU (``requires_cuda``): the real extension through the backend primitives, the public
+  API and ``torch.library.opcheck``.
+- Anywhere with g++ and the CUDA headers: the unmodified kernel templates compiled for the CPU
+  with kernels/attention/emulation/flash_emu_ptx.h standing in for the PTX primitives (every
+  CUDA thread a fiber; ldmatrix / mma / shfl emulated per the PTX ISA fragment layouts; a
+  divergent warp collective is an error; cp.async copies at issue or only at wait_group;
+  warps in lockstep or one running ahead; shared memory starts as NaN). This checks the
+  indexing, masking, softmax, pipelining and synchronisation of the kernels, not the
+  hardware. The params are packed here the way csrc/attention.cpp fills them.
+
+Tolerance: tests/helpers.py (kernel error vs the float64 reference <= 2 x the error of plain
+PyTorch attention in the same dtype, + atol). Dropout: the reference is given the kernels' keep
+mask (fastattn.cuda.attention.dropout_mask, the Python mirror of kernels/common/philox.cuh), so
+a wrong mask fails. Every case also checks that rows which see no key give output 0, lse -inf
+and zero dQ, and that nothing is NaN. Compile checks (sm_80 / sm_90, spills, HMMA) live in
+tests/test_cuda_build.py and ``fastattn build --check-cuda``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _build
+from fastattn.cuda import attention as cattn
+from fastattn.options import AttentionInputs, AttentionOptions, RngState
+from fastattn.reference import attention as reference
+from helpers import assert_close_to_reference
+from conftest import requires_cuda
+
+ATTENTION_DIR = _build.KERNELS_DIR / "attention"
+EMU_SOURCE = ATTENTION_DIR / "emulation" / "flash_emu.cpp"
+SM80_MAX_SMEM = 166912  # opt-in dynamic shared memory per block on sm_80 (sm_90: 232448)
+
+
+# --------------------------------------------------------------------------------------------
+# Cases, inputs, plain-PyTorch baseline, the shared check
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int = 1
+    heads: int = 2
+    heads_kv: int = 1
+    seqlen_q: int = 70
+    seqlen_k: int = 133
+    head_dim: int = 64
+    dtype: torch.dtype = torch.float16
+    causal: bool = False
+    alignment: str = "bottom_right"
+    kpm: bool = False
+    mask: Optional[str] = None  # "bool", "float" (q's dtype) or "float32"
+    dropout_p: float = 0.0
+    deterministic: bool = False
+    packed: bool = False  # q, k, v are strided views of one packed (B, L, 3, H, D) tensor
+
+    def __str__(self) -> str:
+        parts = [f"b{self.batch}h{self.heads}kv{self.heads_kv}", f"{self.seqlen_q}x{self.seqlen_k}",
+                 f"d{self.head_dim}", str(self.dtype).replace("torch.", "")]
+        if self.causal:
+            parts.append(f"causal-{self.alignment}")
+        parts += [name for name, on in (("kpm", self.kpm), ("det", self.deterministic), ("packed", self.packed)) if on]
+        if self.mask:
+            parts.append(f"mask-{self.mask}")
+        if self.dropout_p:
+            parts.append(f"drop{self.dropout_p}")
+        return "-".join(parts)
+
+
+def make_inputs(case: Case, device: str):
+    b, h, hkv, lq, lk, d = case.batch, case.heads, case.heads_kv, case.seqlen_q, case.seqlen_k, case.head_dim
+    if case.packed:
+        assert h == hkv and lq == lk
+        qkv = torch.randn(b, lq, 3, h, d, device=device, dtype=case.dtype)
+        q, k, v = qkv.unbind(2)
+    else:
+        q = torch.randn(b, lq, h, d, device=device, dtype=case.dtype)
+        k = torch.randn(b, lk, hkv, d, device=device, dtype=case.dtype)
+        v = torch.randn(b, lk, hkv, d, device=device, dtype=case.dtype)
+    kpm = None
+    if case.kpm:
+        kpm = torch.rand(b, lk, device=device) > 0.25
+        kpm[0] = False  # every query row of batch 0 sees no key
+    attn_mask = None
+    if case.mask == "bool":
+        # Broadcast over heads (stride 0); one query row sees no key.
+        attn_mask = torch.rand(b, 1, lq, lk, device=device) > 0.3
+        attn_mask[:, :, min(3, lq - 1)] = False
+        attn_mask = attn_mask.expand(b, h, lq, lk)
+    elif case.mask in ("float", "float32"):
+        # Broadcast over the batch; some -inf entries, one fully -inf row.
+        bias = torch.randn(1, h, lq, lk, device=device)
+        bias = bias.masked_fill(torch.rand_like(bias) < 0.1, float("-inf"))
+        bias[:, :, min(2, lq - 1)] = float("-inf")
+        attn_mask = bias.to(torch.float32 if case.mask == "float32" else case.dtype).expand(b, h, lq, lk)
+    options = AttentionOptions(
+        softmax_scale=d ** -0.5,
+        causal=case.causal,
+        causal_alignment=case.alignment,
+        dropout_p=case.dropout_p,
+        deterministic=case.deterministic,
+    )
+    rng = RngState.draw() if case.dropout_p > 0 else None
+    return AttentionInputs(q, k, v, kpm, attn_mask), options, rng
+
+
+def _to64(inputs: AttentionInputs) -> AttentionInputs:
+    mask = inputs.attn_mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.double()
+    return AttentionInputs(inputs.q.double(), inputs.k.double(), inputs.v.double(), inputs.key_padding_mask, mask)
+
+
+def _baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[torch.Tensor], dout: torch.Tensor):
+    """Plain PyTorch attention in the inputs' dtype (matmul, softmax, matmul; autograd)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+    group = inputs.nheads // inputs.nheads_kv
+    qt = q.transpose(1, 2)
+    kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) * options.softmax_scale
+    if inputs.attn_mask is not None and inputs.attn_mask.dtype != torch.bool:
+        scores = scores + inputs.attn_mask.to(scores.dtype)
+    allowed = reference.allowed_mask(inputs, options)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype) / (1.0 - options.dropout_p)
+    out = torch.matmul(probs, vt).transpose(1, 2)
+    out.backward(dout)
+    return out.detach(), (q.grad, k.grad, v.grad)
+
+
+# runner(inputs, options, rng, dout) -> (out, lse, (dq, dk, dv))
+Runner = Callable[..., tuple]
+
+
+def check_case(runner: Runner, inputs: AttentionInputs, options: AttentionOptions, rng, expect_dead_rows=False):
+    dout = torch.randn(inputs.q.shape, device=inputs.device, dtype=inputs.dtype)
+    out, lse, (dq, dk, dv) = runner(inputs, options, rng, dout)
+    keep = cattn.dropout_mask(inputs, options, rng)
+    inputs64 = _to64(inputs)
+    out64, lse64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
+    grads64 = reference.backward(dout.double(), out64, lse64, inputs64, options, rng, dropout_mask=keep)
+    base_out, base_grads = _baseline(inputs, options, keep, dout)
+
+    assert out.dtype == inputs.dtype and out.shape == inputs.q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (inputs.batch, inputs.nheads, inputs.seqlen_q)
+    assert_close_to_reference(out, out64, base_out, "out")
+    dead = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse), dead), "lse is -inf exactly on the rows that see no key"
+    assert not torch.isnan(lse).any()
+    live = ~dead
+    if live.any():
+        assert (lse[live].double() - lse64[live]).abs().max().item() < 2e-3, "lse"
+    if expect_dead_rows:
+        assert dead.any(), "the case was meant to have rows that see no key"
+    for name, grad, grad64, base in zip(("dq", "dk", "dv"), (dq, dk, dv), grads64, base_grads):
+        assert grad.dtype == inputs.dtype
+        assert_close_to_reference(grad, grad64, base, name)
+    dead_rows = dead.transpose(1, 2)  # (B, Lq, H)
+    assert (out[dead_rows] == 0).all() and (dq[dead_rows] == 0).all(), "dead rows: out and dq must be 0"
+
+
+# The case grid: one axis at a time around a small base case, then a few combinations.
+EMU_CASES = [
+    Case(),
+    Case(dtype=torch.bfloat16),
+    Case(head_dim=32, dtype=torch.bfloat16),
+    Case(head_dim=36),  # not a multiple of 8: zero-padded to 40, served by the 64 kernel
+    Case(head_dim=96, seqlen_q=45, seqlen_k=80),
+    Case(head_dim=128, seqlen_q=45, seqlen_k=80, dtype=torch.bfloat16),
+    Case(head_dim=192, seqlen_q=33, seqlen_k=70),
+    Case(head_dim=256, seqlen_q=33, seqlen_k=70, dtype=torch.bfloat16),
+    Case(seqlen_q=133, seqlen_k=70, causal=True),  # bottom-right, Lq > Lk: dead rows
+    Case(causal=True, alignment="top_left", dtype=torch.bfloat16),
+    Case(batch=2, kpm=True),
+    Case(mask="bool", seqlen_q=40, seqlen_k=150),
+    Case(mask="float", seqlen_q=40, seqlen_k=150),
+    Case(mask="float32", seqlen_q=40, seqlen_k=150, dtype=torch.bfloat16, heads=4, heads_kv=2),
+    Case(dropout_p=0.25, seqlen_q=80, seqlen_k=90),
+    Case(dropout_p=0.125, causal=True, head_dim=128, seqlen_q=45, seqlen_k=80, dtype=torch.bfloat16),
+    Case(deterministic=True, heads=4, heads_kv=2, causal=True),
+    Case(deterministic=True, dropout_p=0.25, kpm=True, batch=2, head_dim=256, seqlen_q=33, seqlen_k=70),
+    Case(heads=4, heads_kv=1, seqlen_q=1, seqlen_k=1),
+    Case(packed=True, heads=2, heads_kv=2, seqlen_q=65, seqlen_k=65, causal=True),
+]
+
+
+def _has_dead_rows(case: Case) -> bool:
+    return (case.causal and case.alignment == "bottom_right" and case.seqlen_q > case.seqlen_k) or case.kpm or (
+        case.mask is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU emulation of the kernels
+# --------------------------------------------------------------------------------------------
+def _cuda_include_dir() -> Optional[str]:
+    candidates = list(_build.cuda_toolkit_dirs()[0])
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is not None:
+        candidates.append(str(Path(cpp_extension.CUDA_HOME) / "include"))
+    for directory in candidates:
+        if (Path(directory) / "cuda_fp16.h").exists():
+            return directory
+    return None
+
+
+def _dropout_threshold(p: float) -> int:
+    scaled = float(torch.tensor(p, dtype=torch.float32)) * 4294967296.0  # the host rounds p to float
+    return 0 if scaled <= 0 else 0xFFFFFFFF if scaled >= 4294967295.0 else int(scaled + 0.5)
+
+
+class Emulator:
+    """ctypes front of flash_emu.cpp; packs the params the way csrc/attention.cpp fills them."""
+
+    def __init__(self, library: Path):
+        self.lib = ctypes.CDLL(str(library))
+        self.lib.emu_param_layout.restype = ctypes.c_char_p
+        self.lib.emu_kernel_configs.restype = ctypes.c_char_p
+        for fn in (self.lib.emu_flash_fwd, self.lib.emu_flash_bwd):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        self.layout = {}
+        for section in self.lib.emu_param_layout().decode().split("|"):
+            head, body = section.split(";", 1)
+            name, size = head.split("=")
+            fields = {}
+            for item in body.strip(",").split(","):
+                field, offset, fmt = item.split(":")
+                fields[field] = (int(offset), fmt)
+            self.layout[name] = (int(size), fields)
+        self.mode = 0
+
+    def kernel_configs(self) -> dict[str, tuple[int, int]]:
+        configs = {}
+        for item in self.lib.emu_kernel_configs().decode().strip(";").split(";"):
+            name, value = item.split("=")
+            threads, smem = value.split(":")
+            configs[name] = (int(threads), int(smem))
+        return configs
+
+    def _call(self, fn, kind: str, values: dict) -> None:
+        size, fields = self.layout[kind]
+        assert set(fields) == set(values), set(fields) ^ set(values)
+        buf = bytearray(size)
+        for name, value in values.items():
+            offset, fmt = fields[name]
+            struct.pack_into("<" + ("Q" if fmt == "P" else fmt), buf, offset, value)
+        params = ctypes.create_string_buffer(bytes(buf), size)
+        msg = ctypes.create_string_buffer(4096)
+        if fn(ctypes.cast(params, ctypes.c_void_p), self.mode, msg, 4096) != 0:
+            raise AssertionError(f"emulated kernel failed: {msg.value.decode()}")
+
+    @staticmethod
+    def _operand(t: torch.Tensor, padded: int) -> torch.Tensor:
+        # csrc/attention.cpp kernel_operand: pad the head dim to a multiple of 8, 16-byte access.
+        if t.shape[3] != padded:
+            t = torch.nn.functional.pad(t, (0, padded - t.shape[3]))
+        aligned = t.stride(3) == 1 and t.data_ptr() % 16 == 0
+        aligned = aligned and all(t.stride(i) % 8 == 0 or t.shape[i] == 1 for i in range(3))
+        return t if aligned else t.contiguous()
+
+    @staticmethod
+    def _common(q, k, v, inputs: AttentionInputs, options: AttentionOptions, rng) -> dict:
+        kpm, mask = inputs.key_padding_mask, inputs.attn_mask
+        mask_kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2 if mask.dtype == q.dtype else 3
+        p = options.dropout_p
+        return dict(
+            q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+            q_batch_stride=q.stride(0), q_row_stride=q.stride(1), q_head_stride=q.stride(2),
+            k_batch_stride=k.stride(0), k_row_stride=k.stride(1), k_head_stride=k.stride(2),
+            v_batch_stride=v.stride(0), v_row_stride=v.stride(1), v_head_stride=v.stride(2),
+            key_padding_mask=0 if kpm is None else kpm.data_ptr(),
+            kpm_batch_stride=0 if kpm is None else kpm.stride(0),
+            kpm_col_stride=0 if kpm is None else kpm.stride(1),
+            attn_mask=0 if mask is None else mask.data_ptr(), attn_mask_kind=mask_kind,
+            mask_batch_stride=0 if mask is None else mask.stride(0),
+            mask_head_stride=0 if mask is None else mask.stride(1),
+            mask_row_stride=0 if mask is None else mask.stride(2),
+            mask_col_stride=0 if mask is None else mask.stride(3),
+            batch=q.shape[0], nheads=q.shape[2], nheads_kv=k.shape[2], seqlen_q=q.shape[1], seqlen_k=k.shape[1],
+            head_dim=q.shape[3], softmax_scale=options.softmax_scale,
+            scale_log2=options.softmax_scale * math.log2(math.e), is_causal=options.causal,
+            causal_shift=0 if options.causal_alignment == "top_left" else k.shape[1] - q.shape[1],
+            is_dropout=p > 0, dropout_threshold=_dropout_threshold(p), rp_dropout=1.0 / (1.0 - p),
+            seed=rng.seed if rng else 0, offset=rng.offset if rng else 0,
+            dtype=0 if q.dtype == torch.float16 else 1,
+        )
+
+    def run(self, inputs: AttentionInputs, options: AttentionOptions, rng, dout: torch.Tensor):
+        d = inputs.head_dim
+        padded = (d + 7) // 8 * 8
+        q, k, v = (self._operand(t, padded) for t in (inputs.q, inputs.k, inputs.v))
+        b, lq, h, _ = q.shape
+        out = torch.full((b, lq, h, padded), float("nan"), dtype=q.dtype)
+        lse = torch.full((b, h, lq), float("nan"))
+        values = self._common(q, k, v, inputs, options, rng)
+        values.update(out=out.data_ptr(), o_batch_stride=out.stride(0), o_row_stride=out.stride(1),
+                      o_head_stride=out.stride(2), lse=lse.data_ptr())
+        self._call(self.lib.emu_flash_fwd, "fwd", values)
+
+        dout_k = self._operand(dout, padded)
+        delta = torch.full((b, h, lq), float("nan"))
+        dq_accum = torch.zeros((b, lq, h, padded))
+        dq = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+        dk = torch.full(k.shape, float("nan"), dtype=k.dtype)
+        dv = torch.full(v.shape, float("nan"), dtype=v.dtype)
+        values = self._common(q, k, v, inputs, options, rng)
+        values.update(
+            out=out.data_ptr(), dout=dout_k.data_ptr(), lse=lse.data_ptr(), delta=delta.data_ptr(),
+            dq_accum=dq_accum.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
+            deterministic=options.deterministic,
+        )
+        for name, t in (("o", out), ("do", dout_k), ("dq", dq), ("dk", dk), ("dv", dv)):
+            values.update({f"{name}_batch_stride": t.stride(0), f"{name}_row_stride": t.stride(1),
+                           f"{name}_head_stride": t.stride(2)})
+        self._call(self.lib.emu_flash_bwd, "bwd", values)
+        if not options.deterministic:
+            dq = (dq_accum * options.softmax_scale).to(q.dtype)
+        unpad = (lambda t: t[..., :d]) if padded != d else (lambda t: t)
+        return unpad(out), lse, (unpad(dq), unpad(dk), unpad(dv))
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory) -> Emulator:
+    gxx = shutil.which("g++")
+    include = _cuda_include_dir()
+    if gxx is None or include is None:
+        pytest.skip("the kernel emulation needs g++ and the CUDA headers (cuda_fp16.h)")
+    if sys.platform != "linux":
+        pytest.skip("the kernel emulation uses glibc ucontext fibers")
+    library = tmp_path_factory.mktemp("flash_emu") / "libflash_emu.so"
+    cmd = [gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
+           '-DFASTATTN_FLASH_PTX_HEADER="emulation/flash_emu_ptx.h"', f"-I{include}", str(EMU_SOURCE),
+           "-o", str(library)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return Emulator(library)
+
+
+def _emulated(emulator: Emulator, mode: int) -> Runner:
+    def run(inputs, options, rng, dout):
+        emulator.mode = mode
+        return emulator.run(inputs, options, rng, dout)
+
+    return run
+
+
+@pytest.mark.parametrize("index", range(len(EMU_CASES)), ids=[str(c) for c in EMU_CASES])
+def test_emulated_kernels_match_reference(emulator, index):
+    case = EMU_CASES[index]
+    inputs, options, rng = make_inputs(case, "cpu")
+    # Each case under one of the six emulation modes (cp.async at issue / at wait x lockstep /
+    # lowest warp first / highest warp first), so all modes run over the grid.
+    check_case(_emulated(emulator, index % 6), inputs, options, rng, expect_dead_rows=_has_dead_rows(case))
+
+
+def test_emulated_deterministic_matches_atomic_dq(emulator):
+    case = Case(batch=2, heads=4, heads_kv=2, kpm=True, causal=True, seqlen_q=70, seqlen_k=90)
+    inputs, options, rng = make_inputs(case, "cpu")
+    dout = torch.randn(inputs.q.shape, dtype=inputs.dtype)
+    det = dataclasses.replace(options, deterministic=True)
+    _, _, grads = _emulated(emulator, 0)(inputs, options, rng, dout)
+    _, _, grads_det = _emulated(emulator, 3)(inputs, det, rng, dout)
+    assert torch.equal(grads[1], grads_det[1]) and torch.equal(grads[2], grads_det[2]), "dK/dV share one kernel"
+    err = (grads[0].float() - grads_det[0].float()).abs().max().item()
+    assert err <= 2e-3 * max(1.0, grads_det[0].float().abs().max().item()), f"dq paths differ by {err}"
+
+
+def test_emulator_rejects_a_missing_barrier(emulator, tmp_path):
+    """The emulation can fail: the forward kernel without the barrier that protects K before
+    it is refilled gives wrong output once one warp runs ahead."""
+    source = (ATTENTION_DIR / "flash_fwd_kernel.cuh").read_text()
+    guarded = "    cp_async_wait<0>();\n    block_sync();  // V[n] landed; every warp is done reading K[n]\n"
+    assert guarded in source
+    mutant_dir = tmp_path / "kernels"
+    shutil.copytree(_build.KERNELS_DIR, mutant_dir)
+    (mutant_dir / "attention" / "flash_fwd_kernel.cuh").write_text(source.replace(guarded, "    cp_async_wait<0>();\n"))
+    library = tmp_path / "libmutant.so"
+    # The emulator built against the mutant tree, head-dim bucket 64 only (a quicker build).
+    cmd = [shutil.which("g++"), "-std=c++17", "-O1", "-shared", "-fPIC", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
+           '-DFASTATTN_FLASH_PTX_HEADER="emulation/flash_emu_ptx.h"', "-DFASTATTN_EMU_HEADDIM=64",
+           f"-I{_cuda_include_dir()}",
+           str(mutant_dir / "attention" / "emulation" / "flash_emu.cpp"), "-o", str(library)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mutant = Emulator(library)
+    inputs, options, rng = make_inputs(Case(seqlen_q=64, seqlen_k=200, heads=1), "cpu")
+    dout = torch.randn(inputs.q.shape, dtype=inputs.dtype)
+    out_ok, _, _ = _emulated(emulator, 2)(inputs, options, rng, dout)
+    out_bad, _, _ = _emulated(mutant, 2)(inputs, options, rng, dout)
+    out64, _ = reference.forward(_to64(inputs), options, rng)
+    assert (out_ok.double() - out64).abs().max().item() < 1e-2
+    assert not ((out_bad.double() - out64).abs().max().item() < 1e-2), "the missing barrier went unnoticed"
+
+
+def test_kernel_configurations_fit_shared_memory(emulator):
+    configs = emulator.kernel_configs()
+    assert len(configs) == 2 * 6 * 2 * 4
+    for name, (threads, smem) in configs.items():
+        assert threads % 32 == 0 and threads <= 1024, name
+        assert 0 < smem <= SM80_MAX_SMEM, f"{name}: {smem} B of shared memory is above the sm_80 limit"
+
+
+def test_instantiations_are_generated_and_current():
+    proc = subprocess.run([sys.executable, str(ATTENTION_DIR / "generate_instantiations.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = {p.name for p in (ATTENTION_DIR / "instantiations").glob("*.cu")}
+    for dtype in ("fp16", "bf16"):
+        for head_dim in (32, 64, 96, 128, 192, 256):  # common/static_switch.h HEADDIM_SWITCH
+            for direction in ("fwd", "bwd"):
+                for suffix in ("", "_dropout"):
+                    assert f"flash_{direction}_hdim{head_dim}_{dtype}{suffix}_sm80.cu" in names
+
+
+# --------------------------------------------------------------------------------------------
+# Backend module (no GPU needed)
+# --------------------------------------------------------------------------------------------
+def test_capabilities_send_fp32_and_large_heads_elsewhere():
+    q = torch.randn(1, 4, 2, 64)
+    opts = AttentionOptions(softmax_scale=0.125)
+    reasons = cattn.CAPABILITIES.not_supported_reasons(AttentionInputs(q, q, q), opts)
+    assert any("float32" in r for r in reasons)
+    half = torch.randn(1, 4, 2, 320, dtype=torch.float16)
+    reasons = cattn.CAPABILITIES.not_supported_reasons(AttentionInputs(half, half, half), opts)
+    assert any("head_dim 320" in r for r in reasons)
+    ok = torch.randn(1, 4, 2, 40, dtype=torch.bfloat16)
+    assert cattn.CAPABILITIES.not_supported_reasons(AttentionInputs(ok, ok, ok), opts) == []
+    mask = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    reasons = cattn.not_supported_reasons(AttentionInputs(ok, ok, ok, None, mask), opts)
+    assert any("attn_mask dtype" in r for r in reasons)
+
+
+def test_dropout_mask_is_the_philox_mirror():
+    inputs, options, rng = make_inputs(Case(dropout_p=0.25, seqlen_q=9, seqlen_k=13), "cpu")
+    keep = cattn.dropout_mask(inputs, options, rng)
+    assert keep.shape == (1, 2, 9, 13) and keep.dtype == torch.bool
+    assert torch.equal(keep, cattn.dropout_mask(inputs, options, rng))
+    assert 0.6 < keep.float().mean().item() < 0.9
+    assert cattn.dropout_mask(inputs, dataclasses.replace(options, dropout_p=0.0), None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the real extension
+# --------------------------------------------------------------------------------------------
+def _gpu_runner(inputs, options, rng, dout):
+    out, lse = cattn.forward(inputs, options, rng)
+    return out, lse, cattn.backward(dout, out, lse, inputs, options, rng)
+
+
+GPU_CASES = EMU_CASES + [
+    Case(batch=2, heads=4, heads_kv=4, seqlen_q=113, seqlen_k=203, head_dim=d, dtype=dt, causal=causal)
+    for d in (32, 40, 64, 80, 96, 128, 160, 192, 256)
+    for dt, causal in ((torch.float16, False), (torch.bfloat16, True))
+] + [
+    Case(batch=2, heads=8, heads_kv=2, seqlen_q=1024, seqlen_k=1024, head_dim=128, dtype=torch.bfloat16, causal=True),
+    Case(batch=1, heads=4, heads_kv=1, seqlen_q=509, seqlen_k=1031, head_dim=64, causal=True, alignment="top_left"),
+    Case(batch=2, heads=2, heads_kv=2, seqlen_q=1031, seqlen_k=257, head_dim=128, causal=True),
+    Case(batch=3, heads=4, heads_kv=2, seqlen_q=300, seqlen_k=300, head_dim=64, kpm=True, mask="bool",
+         dtype=torch.bfloat16),
+    Case(batch=2, heads=4, heads_kv=4, seqlen_q=257, seqlen_k=511, head_dim=96, mask="float32", causal=True),
+    Case(batch=2, heads=4, heads_kv=2, seqlen_q=300, seqlen_k=300, head_dim=128, dropout_p=0.125,
+         deterministic=True, dtype=torch.bfloat16),
+    Case(batch=2, heads=4, heads_kv=4, seqlen_q=513, seqlen_k=513, head_dim=64, packed=True, dropout_p=0.25),
+    Case(batch=1, heads=2, heads_kv=2, seqlen_q=4097, seqlen_k=4097, head_dim=64, causal=True,
+         dtype=torch.bfloat16),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_kernels_match_reference(case):
+    inputs, options, rng = make_inputs(case, "cuda")
+    check_case(_gpu_runner, inputs, options, rng, expect_dead_rows=_has_dead_rows(case))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_deterministic_backward_is_bitwise_reproducible(dtype):
+    case = Case(batch=2, heads=8, heads_kv=2, seqlen_q=777, seqlen_k=777, head_dim=128, dtype=dtype, causal=True,
+                deterministic=True, dropout_p=0.125)
+    inputs, options, rng = make_inputs(case, "cuda")
+    out, lse = cattn.forward(inputs, options, rng)
+    dout = torch.randn_like(out)
+    first = cattn.backward(dout, out, lse, inputs, options, rng)
+    for _ in range(3):
+        again = cattn.backward(dout, out, lse, inputs, options, rng)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+    atomic = cattn.backward(dout, out, lse, inputs, dataclasses.replace(options, deterministic=False), rng)
+    for a, b in zip(atomic, first):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@requires_cuda
+def test_gpu_dropout_is_self_consistent_and_unbiased():
+    case = Case(batch=2, heads=4, heads_kv=4, seqlen_q=256, seqlen_k=256, head_dim=64, dropout_p=0.25)
+    inputs, options, rng = make_inputs(case, "cuda")
+    out1, _ = cattn.forward(inputs, options, rng)
+    out2, _ = cattn.forward(inputs, options, rng)
+    assert torch.equal(out1, out2), "same RngState, same mask"
+    out3, _ = cattn.forward(inputs, options, RngState(seed=rng.seed + 1, offset=rng.offset))
+    assert not torch.equal(out1, out3)
+    # v = identity rows: out[i, j] = P[i, j] * keep / (1 - p) exposes the kernel's mask.
+    lk = 64
+    q = torch.randn(1, 64, 1, 64, device="cuda", dtype=torch.float16) * 0.1
+    k = torch.randn(1, lk, 1, 64, device="cuda", dtype=torch.float16) * 0.1
+    v = torch.eye(lk, 64, device="cuda", dtype=torch.float16)[None, :, None, :]
+    probe = AttentionInputs(q, k, v)
+    out, _ = cattn.forward(probe, options, rng)
+    kept = out[0, :, 0, :lk] != 0
+    expected = cattn.dropout_mask(probe, options, rng)[0, 0]
+    assert torch.equal(kept, expected)
+    assert abs(kept.float().mean().item() - 0.75) < 0.05
+
+
+@requires_cuda
+def test_gpu_public_api_runs_the_primitives():
+    """fastattn.flash_attention(backend="cuda") and its autograd give exactly what the
+    primitives give (accuracy itself is checked above)."""
+    case = Case(batch=2, heads=8, heads_kv=2, seqlen_q=300, seqlen_k=400, head_dim=64, dtype=torch.bfloat16,
+                causal=True, kpm=True)
+    inputs, options, rng = make_inputs(case, "cuda")
+    q, k, v = (t.detach().clone().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+    out = fastattn.flash_attention(q, k, v, causal=True, key_padding_mask=inputs.key_padding_mask, backend="cuda")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    want_out, want_lse = cattn.forward(inputs, options, rng)
+    want_dq, want_dk, want_dv = cattn.backward(dout, want_out, want_lse, inputs, options, rng)
+    assert torch.equal(out.detach(), want_out)
+    assert torch.equal(k.grad, want_dk) and torch.equal(v.grad, want_dv)
+    torch.testing.assert_close(q.grad, want_dq, atol=2e-2, rtol=2e-2)  # fp32 atomics: order varies
+
+
+@requires_cuda
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float16, torch.float32])
+def test_gpu_sdpa_drop_in_with_broadcast_mask(mask_dtype):
+    query = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.float16)
+    key = torch.randn(2, 4, 120, 64, device="cuda", dtype=torch.float16)
+    value = torch.randn(2, 4, 120, 64, device="cuda", dtype=torch.float16)
+    if mask_dtype == torch.bool:
+        mask = torch.rand(4, 100, 120, device="cuda") > 0.3  # broadcast over the batch
+    else:
+        mask = torch.randn(4, 100, 120, device="cuda", dtype=mask_dtype)
+    got = fastattn.scaled_dot_product_attention(query, key, value, attn_mask=mask, backend="cuda")
+    want = fastattn.scaled_dot_product_attention(query.double(), key.double(), value.double(),
+                                                 attn_mask=mask if mask_dtype == torch.bool else mask.double(),
+                                                 backend="reference")
+    base = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(
+        torch.float16) if mask_dtype != torch.bool else mask)
+    assert_close_to_reference(got, want, base, "sdpa out")
+
+
+@requires_cuda
+def test_gpu_opcheck():
+    from fastattn.cuda import ensure_loaded
+
+    ensure_loaded()
+    # head_dim 36: the host pads to 40 and returns unpadded contiguous outputs, as the fakes do.
+    q = torch.randn(2, 70, 4, 36, device="cuda", dtype=torch.float16, requires_grad=True)
+    k = torch.randn(2, 90, 2, 36, device="cuda", dtype=torch.float16, requires_grad=True)
+    v = torch.randn(2, 90, 2, 36, device="cuda", dtype=torch.float16, requires_grad=True)
+    kpm = torch.rand(2, 90, device="cuda") > 0.2
+    args = (q, k, v, kpm, None, 36 ** -0.5, True, False, 0.0, 0, 0)
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args)
+    out, lse = torch.ops.fastattn.attention_fwd(*args)
+    dout = torch.randn_like(out)
+    for deterministic in (True, False):
+        bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, kpm, None, 36 ** -0.5, True, False,
+                    0.0, 0, 0, deterministic)
+        # The atomic dQ path may differ in the last bit from run to run: only its schema and
+        # fake tensor are compared, the deterministic path gets every check.
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, bwd_args,
+                              test_utils=utils if deterministic else ("test_schema", "test_faketensor"))
