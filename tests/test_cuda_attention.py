@@ -42,6 +42,7 @@ from fastattn.cuda import attention as cattn
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
 from fastattn.reference import attention as reference
 from helpers import assert_close_to_reference
+from attention_cases import AttentionCase, baseline as _shared_baseline, make_inputs as _make_inputs, to64 as _to64
 from conftest import requires_cuda
 
 ATTENTION_DIR = _build.KERNELS_DIR / "attention"
@@ -53,99 +54,26 @@ SM80_MAX_SMEM = 166912  # opt-in dynamic shared memory per block on sm_80 (sm_90
 # Cases, inputs, plain-PyTorch baseline, the shared check
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int = 1
-    heads: int = 2
+class Case(AttentionCase):
     heads_kv: int = 1
     seqlen_q: int = 70
     seqlen_k: int = 133
-    head_dim: int = 64
-    dtype: torch.dtype = torch.float16
-    causal: bool = False
-    alignment: str = "bottom_right"
-    kpm: bool = False
-    mask: Optional[str] = None  # "bool", "float" (q's dtype) or "float32"
-    dropout_p: float = 0.0
-    deterministic: bool = False
     packed: bool = False  # q, k, v are strided views of one packed (B, L, 3, H, D) tensor
 
-    def __str__(self) -> str:
-        parts = [f"b{self.batch}h{self.heads}kv{self.heads_kv}", f"{self.seqlen_q}x{self.seqlen_k}",
-                 f"d{self.head_dim}", str(self.dtype).replace("torch.", "")]
-        if self.causal:
-            parts.append(f"causal-{self.alignment}")
-        parts += [name for name, on in (("kpm", self.kpm), ("det", self.deterministic), ("packed", self.packed)) if on]
-        if self.mask:
-            parts.append(f"mask-{self.mask}")
-        if self.dropout_p:
-            parts.append(f"drop{self.dropout_p}")
-        return "-".join(parts)
+    def _flags(self) -> tuple:
+        return super()._flags() + (("packed", self.packed),)
 
 
 def make_inputs(case: Case, device: str):
-    b, h, hkv, lq, lk, d = case.batch, case.heads, case.heads_kv, case.seqlen_q, case.seqlen_k, case.head_dim
-    if case.packed:
-        assert h == hkv and lq == lk
-        qkv = torch.randn(b, lq, 3, h, d, device=device, dtype=case.dtype)
-        q, k, v = qkv.unbind(2)
-    else:
-        q = torch.randn(b, lq, h, d, device=device, dtype=case.dtype)
-        k = torch.randn(b, lk, hkv, d, device=device, dtype=case.dtype)
-        v = torch.randn(b, lk, hkv, d, device=device, dtype=case.dtype)
-    kpm = None
-    if case.kpm:
-        kpm = torch.rand(b, lk, device=device) > 0.25
-        kpm[0] = False  # every query row of batch 0 sees no key
-    attn_mask = None
-    if case.mask == "bool":
-        # Broadcast over heads (stride 0); one query row sees no key.
-        attn_mask = torch.rand(b, 1, lq, lk, device=device) > 0.3
-        attn_mask[:, :, min(3, lq - 1)] = False
-        attn_mask = attn_mask.expand(b, h, lq, lk)
-    elif case.mask in ("float", "float32"):
-        # Broadcast over the batch; some -inf entries, one fully -inf row.
-        bias = torch.randn(1, h, lq, lk, device=device)
-        bias = bias.masked_fill(torch.rand_like(bias) < 0.1, float("-inf"))
-        bias[:, :, min(2, lq - 1)] = float("-inf")
-        attn_mask = bias.to(torch.float32 if case.mask == "float32" else case.dtype).expand(b, h, lq, lk)
-    options = AttentionOptions(
-        softmax_scale=d ** -0.5,
-        causal=case.causal,
-        causal_alignment=case.alignment,
-        dropout_p=case.dropout_p,
-        deterministic=case.deterministic,
-    )
-    rng = RngState.draw() if case.dropout_p > 0 else None
-    return AttentionInputs(q, k, v, kpm, attn_mask), options, rng
-
-
-def _to64(inputs: AttentionInputs) -> AttentionInputs:
-    mask = inputs.attn_mask
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.double()
-    return AttentionInputs(inputs.q.double(), inputs.k.double(), inputs.v.double(), inputs.key_padding_mask, mask)
+    """The shared builder with forced dead rows: kpm batch 0, one all-False bool-mask row, one
+    fully -inf float-mask row."""
+    return _make_inputs(case, device, dead_rows=True)
 
 
 def _baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[torch.Tensor], dout: torch.Tensor):
-    """Plain PyTorch attention in the inputs' dtype (matmul, softmax, matmul; autograd)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
-    group = inputs.nheads // inputs.nheads_kv
-    qt = q.transpose(1, 2)
-    kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
-    vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = torch.matmul(qt, kt.transpose(-1, -2)) * options.softmax_scale
-    if inputs.attn_mask is not None and inputs.attn_mask.dtype != torch.bool:
-        scores = scores + inputs.attn_mask.to(scores.dtype)
-    allowed = reference.allowed_mask(inputs, options)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    if keep is not None:
-        probs = probs * keep.to(probs.dtype) / (1.0 - options.dropout_p)
-    out = torch.matmul(probs, vt).transpose(1, 2)
-    out.backward(dout)
-    return out.detach(), (q.grad, k.grad, v.grad)
+    """Plain PyTorch attention in the inputs' dtype: out and (dq, dk, dv)."""
+    out, _lse, grads = _shared_baseline(inputs, options, keep, dout)
+    return out, grads
 
 
 # runner(inputs, options, rng, dout) -> (out, lse, (dq, dk, dv))

@@ -19,7 +19,6 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastattn import _build
 from fastattn.cuda import norm as cnorm
@@ -28,6 +27,7 @@ from fastattn.options import NormForwardResult, NormGrads, NormInputs, NormOptio
 from fastattn.reference import norm as reference
 from conftest import requires_cuda
 from helpers import assert_close_to_reference
+from norm_cases import baseline as _baseline, make_inputs, to64 as _to64
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 EPS = 1e-5
@@ -256,50 +256,8 @@ def test_capabilities_and_reasons():
 # --------------------------------------------------------------------------------------------
 # GPU: the real kernels against the float64 reference
 # --------------------------------------------------------------------------------------------
-def _make(m, n, dtype, *, residual=True, residual_dtype=None, weight=True, bias=True, param_dtype=None,
-          kind="layer", device="cuda"):
-    x = torch.randn(m, n, dtype=dtype, device=device)
-    res = torch.randn(m, n, dtype=residual_dtype or dtype, device=device) if residual else None
-    pdt = param_dtype or dtype
-    w = (1.0 + 0.5 * torch.randn(n, device=device)).to(pdt) if weight else None
-    b = (0.5 * torch.randn(n, device=device)).to(pdt) if (bias and kind == "layer") else None
-    return NormInputs(x=x, residual=res, weight=w, bias=b)
-
-
-def _to64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.double()
-
-
-def _baseline(inputs: NormInputs, options: NormOptions, keep, dy, dh):
-    """Plain PyTorch in the inputs' own dtypes (h in h's dtype), autograd for the gradients."""
-    x = inputs.x.detach().clone().requires_grad_()
-    res = None if inputs.residual is None else inputs.residual.detach().clone().requires_grad_()
-    w = None if inputs.weight is None else inputs.weight.detach().clone().requires_grad_()
-    b = None if inputs.bias is None else inputs.bias.detach().clone().requires_grad_()
-    hdt = residual_out_dtype(inputs, options)
-    h = x
-    if options.dropout_p > 0:
-        h = h * keep.to(x.dtype) / (1.0 - options.dropout_p)
-    h = h.to(hdt)
-    if res is not None:
-        h = h + res.to(hdt)
-    if options.kind == "layer":
-        y = F.layer_norm(h, (h.shape[-1],), None if w is None else w.to(hdt), None if b is None else b.to(hdt),
-                         options.eps)
-    else:
-        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + options.eps)
-        if w is not None:
-            y = y * w.to(hdt)
-    y = y.to(x.dtype)
-    leaves = [t for t in (x, res, w, b) if t is not None]
-    outs, cotangents = [y], [dy]
-    if dh is not None:
-        outs.append(h)
-        cotangents.append(dh.to(h.dtype))
-    grads = iter(torch.autograd.grad(outs, leaves, cotangents))
-    named = {name: None if t is None else next(grads) for name, t in (("dx", x), ("dresidual", res),
-                                                                        ("dweight", w), ("dbias", b))}
-    return y.detach(), h.detach(), named
+def _make(m, n, dtype, *, device="cuda", **kw):
+    return make_inputs(m, n, dtype, device, **kw)
 
 
 def _check(inputs: NormInputs, options: NormOptions, rng: Optional[RngState], forward=None, backward=None):

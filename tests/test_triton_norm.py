@@ -12,13 +12,13 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastattn.backends import triton_interpret_enabled
 from fastattn.options import NormInputs, NormOptions, RngState, residual_out_dtype
 from fastattn.reference import norm as reference
 from fastattn.triton import norm as tnorm
 from helpers import assert_close_to_reference
+from norm_cases import baseline as _shared_baseline, make_inputs, to64 as _to64
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 EPS = 1e-5
@@ -33,52 +33,13 @@ def _assert_close(actual, reference64, baseline, name, atol_scale=1.0):
     assert_close_to_reference(actual, reference64, baseline, name, atol_scale=atol_scale)
 
 
-def _make(m, n, dtype, device, *, residual=True, residual_dtype=None, weight=True, bias=True,
-          param_dtype=None, kind="layer"):
-    x = torch.randn(m, n, dtype=dtype, device=device)
-    res = torch.randn(m, n, dtype=residual_dtype or dtype, device=device) if residual else None
-    pdt = param_dtype or dtype
-    # weight around 1 and a visible bias, as in trained layers
-    w = (1.0 + 0.5 * torch.randn(n, device=device)).to(pdt) if weight else None
-    b = (0.5 * torch.randn(n, device=device)).to(pdt) if (bias and kind == "layer") else None
-    return NormInputs(x=x, residual=res, weight=w, bias=b)
-
-
-def _to64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.double()
+def _make(m, n, dtype, device, **kw):
+    return make_inputs(m, n, dtype, device, **kw)
 
 
 def _baseline(inputs: NormInputs, options: NormOptions, keep: torch.Tensor, dy, dh):
-    """Plain PyTorch in the inputs' own dtypes: h = dropout(x) + residual in h's dtype, the
-    norm in h's dtype, autograd for the gradients."""
-    x = inputs.x.detach().clone().requires_grad_()
-    res = None if inputs.residual is None else inputs.residual.detach().clone().requires_grad_()
-    w = None if inputs.weight is None else inputs.weight.detach().clone().requires_grad_()
-    b = None if inputs.bias is None else inputs.bias.detach().clone().requires_grad_()
-    hdt = residual_out_dtype(inputs, options)
-    h = x
-    if options.dropout_p > 0:
-        h = h * keep.to(x.dtype) / (1.0 - options.dropout_p)
-    h = h.to(hdt)
-    if res is not None:
-        h = h + res.to(hdt)
-    if options.kind == "layer":
-        y = F.layer_norm(h, (h.shape[-1],), None if w is None else w.to(hdt), None if b is None else b.to(hdt), EPS)
-    else:
-        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-        if w is not None:
-            y = y * w.to(hdt)
-    y = y.to(x.dtype)
-    leaves = [t for t in (x, res, w, b) if t is not None]
-    outs, grads_out = [y], [dy]
-    if dh is not None:
-        outs.append(h)
-        grads_out.append(dh.to(h.dtype))
-    grads = iter(torch.autograd.grad(outs, leaves, grads_out))
-    named = {}
-    for name, t in (("dx", x), ("dresidual", res), ("dweight", w), ("dbias", b)):
-        named[name] = None if t is None else next(grads)
-    return y.detach(), h.detach(), named
+    """Plain PyTorch in the inputs' own dtypes (tests/norm_cases.py) with this file's EPS."""
+    return _shared_baseline(inputs, options, keep, dy, dh, eps=EPS)
 
 
 def _check(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]):
