@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../common/cuda_check.h"
+#include "flash_launch.h"
 #include "flash_fwd_kernel.cuh"
 #include "flash_params.h"
 
@@ -11,15 +12,8 @@ namespace flash {
 
 template <typename Tr>
 cudaError_t launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
-  auto kernel = &flash_fwd_kernel<Tr>;
-  constexpr int kSmem = Tr::kSmemBytes;
-  if (kSmem >= 48 * 1024) {
-    FASTATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  }
   const dim3 grid((params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, params.nheads, params.batch);
-  kernel<<<grid, Tr::kNThreads, kSmem, stream>>>(params);
-  FASTATTN_LAUNCH_CHECK();
-  return cudaSuccess;
+  return launch_with_dynamic_smem(&flash_fwd_kernel<Tr>, grid, Tr::kNThreads, Tr::kSmemBytes, stream, params);
 }
 
 template <typename T, int kHeadDim, bool kIsDropout>
