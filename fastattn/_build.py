@@ -5,7 +5,7 @@
   (``TORCH_CUDA_ARCH_LIST`` overrides), cached under ``~/.cache/fastattn`` (``FASTATTN_CACHE_DIR``
   overrides) behind a file lock, then loads it so ``torch.ops.fastattn.*`` exist. It returns
   the reason on failure instead of raising: the cuda backend reports it and another serves.
-- :func:`check_cuda` compiles every ``kernels/**/*.cu`` alone with nvcc for sm_80 and sm_90
+- :func:`check_cuda` compiles every ``kernels/**/*.cu`` alone with nvcc for sm_80 and sm_90a
   (no GPU needed) and reports per kernel and arch the registers, static shared memory, spill
   bytes and whether the SASS holds tensor-core instructions (``fastattn build --check-cuda``).
 - :func:`build` is the entry point of ``fastattn build``.
@@ -46,7 +46,11 @@ KERNELS_DIR = REPO_ROOT / "kernels"
 EXTENSION_NAME = "fastattn_C"
 CACHE_ENV = "FASTATTN_CACHE_DIR"
 ARCH_ENV = "TORCH_CUDA_ARCH_LIST"
-DEFAULT_CHECK_ARCHS = (80, 90)
+#: sm_90 is compiled as sm_90a (the arch-specific target): wgmma and setmaxnreg exist only
+#: there, and sm_90a code runs only on sm_90 devices, which is exactly what a 9.0 GPU is.
+DEFAULT_CHECK_ARCHS = (80, "90a")
+#: Where CUTLASS/CuTe headers are looked for first (else the nvidia-cutlass wheel's copy).
+CUTLASS_ENV = "CUTLASS_PATH"
 
 #: nvcc flags shared by the extension build and the offline check (the check adds the
 #: ``-D__CUDA_NO_HALF_*`` defines torch's extension build adds on its own).
@@ -152,7 +156,31 @@ def extension_archs(archs: Optional[Sequence[Union[int, str]]] = None) -> Option
     if not torch.cuda.is_available():
         return None
     found = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    return ";".join(f"{major}.{minor}" for major, minor in found)
+    return ";".join(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "") for major, minor in found)
+
+
+@functools.lru_cache(maxsize=None)
+def cutlass_include_dir() -> Optional[Path]:
+    """The CUTLASS/CuTe include folder: ``$CUTLASS_PATH/include``, else the headers shipped in
+    the nvidia-cutlass wheel (``pip install --no-deps nvidia-cutlass``; located without
+    importing it), else None. Kernels that need CUTLASS compile only when it is found
+    (``FASTATTN_HAVE_CUTLASS``); the hand-written kernels serve otherwise."""
+    candidates = []
+    if os.environ.get(CUTLASS_ENV):
+        candidates.append(Path(os.environ[CUTLASS_ENV]) / "include")
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(loc) / "source" / "include" for loc in spec.submodule_search_locations]
+    for candidate in candidates:
+        if (candidate / "cutlass" / "cutlass.h").is_file() and (candidate / "cute" / "tensor.hpp").is_file():
+            return candidate
+    return None
+
+
+def cutlass_nvcc_flags() -> list[str]:
+    """``-DFASTATTN_HAVE_CUTLASS -I<include>`` when CUTLASS is found, else nothing."""
+    include = cutlass_include_dir()
+    return [] if include is None else ["-DFASTATTN_HAVE_CUTLASS", f"-I{include}"]
 
 
 def cache_root() -> Path:
@@ -278,7 +306,7 @@ def _build_and_load(verbose: bool, archs) -> tuple[Optional[str], Optional[str]]
                 name=EXTENSION_NAME,
                 sources=[str(p) for p in [*cpp_sources(), *kernel_sources()]],
                 extra_cflags=list(CXX_FLAGS),
-                extra_cuda_cflags=list(NVCC_FLAGS),
+                extra_cuda_cflags=[*NVCC_FLAGS, *cutlass_nvcc_flags()],
                 extra_include_paths=[str(KERNELS_DIR), str(CSRC_DIR), *include_dirs],
                 extra_ldflags=[f"-L{d}" for d in library_dirs],
                 build_directory=str(directory),
@@ -352,7 +380,7 @@ def nvcc_check_command(source: Path, output: Path, archs: Sequence[Union[int, st
         gencode += ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
     return [
         nvcc, "-c", str(source), "-o", str(output), "-std=c++17", *NVCC_FLAGS,
-        *cpp_extension.COMMON_NVCC_FLAGS, f"-I{KERNELS_DIR}", "-Xptxas", "-v", *gencode,
+        *cpp_extension.COMMON_NVCC_FLAGS, f"-I{KERNELS_DIR}", *cutlass_nvcc_flags(), "-Xptxas", "-v", *gencode,
     ]
 
 
@@ -501,7 +529,7 @@ _run_check = check_cuda
 def build(check_cuda: bool = False, archs: Optional[Sequence[Union[int, str]]] = None, verbose: bool = False) -> int:
     """``fastattn build [--check-cuda]``; returns the process exit code.
 
-    check_cuda: compile every kernel file for ``archs`` (default sm_80, sm_90) without a GPU,
+    check_cuda: compile every kernel file for ``archs`` (default sm_80, sm_90a) without a GPU,
     print the resource table, exit 1 when a file fails to compile or a kernel spills.
     Otherwise: build and load the extension ahead of time (for ``archs``, else
     TORCH_CUDA_ARCH_LIST, else the visible GPUs), exit 1 with the reason when it cannot.

@@ -27,7 +27,7 @@ def _build(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fastattn build",
         description="Build the CUDA extension ahead of time, or (--check-cuda) compile every CUDA "
-        "kernel for sm_80 and sm_90 with nvcc and report registers, shared memory, spills and "
+        "kernel for sm_80 and sm_90a with nvcc and report registers, shared memory, spills and "
         "tensor-core instructions (works without a GPU).",
     )
     parser.add_argument("--check-cuda", action="store_true", help="compile-only check of kernels/ for each arch")

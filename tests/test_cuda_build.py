@@ -26,7 +26,7 @@ from fastattn.cuda import philox
 from conftest import requires_cuda
 
 requires_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="needs nvcc (PATH or CUDA_HOME)")
-ARCHS = ("80", "90")
+ARCHS = ("80", "90a")
 TENSOR_CORE_OPS = ("attention", "ffn")
 
 
@@ -210,7 +210,7 @@ def test_build_check_cuda_exit_code(monkeypatch, capsys, reports, code):
 
     monkeypatch.setattr(_build, "_run_check", fake_check)
     assert _build.build(check_cuda=True, archs=None, verbose=False) == code
-    assert seen["archs"] == (80, 90)
+    assert seen["archs"] == _build.DEFAULT_CHECK_ARCHS == (80, "90a")
     out = capsys.readouterr().out
     assert "regs" in out and "spill" in out
     if code:
