@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastattn.bench.cli import load_suite
+from fastattn.bench.env import device_name
 from fastattn.bench.harness import REL_TOLERANCE, mode_callable, synchronize
 from fastattn.bench.runner import verify
 
@@ -50,5 +51,7 @@ def test_benchmark(benchmark, op, provider_name, mode, device):
         run()
         synchronize(device)
 
-    benchmark.extra_info.update({"case": case.label, "provider": provider.name, "mode": mode, "device": str(device)})
+    benchmark.extra_info.update(
+        {"case": case.label, "provider": provider.name, "mode": mode, "device": str(device), "device_name": device_name(device)}
+    )
     benchmark.pedantic(timed, rounds=5, warmup_rounds=1)

@@ -8,7 +8,30 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device`` of the commands: None (cuda when available, else cpu), cpu, cuda or cuda:N.
+    Raises ValueError naming the option when the device is no such name or is not here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cuda, cuda:N or cpu, got {name!r}") from None
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be cuda, cuda:N or cpu, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _info(argv: Sequence[str]) -> int:

@@ -36,8 +36,17 @@ def replace_modules(model: nn.Module, *, backend: Optional[str] = None) -> nn.Mo
     ``model`` itself, and those inside ``nn.Transformer`` / ``nn.TransformerEncoder`` / user
     models) for the fastattn ones, in place, keeping the same Parameter objects.
 
-    backend: "triton", "cuda", "reference" or None (automatic) for the converted modules; when
-    given, it is also set on fastattn modules already in the model. Returns ``model``.
+    Arguments:
+        model: any ``torch.nn.Module`` (it may itself be one of the classes above); its
+            parameters keep their dtype and device, and the converted modules accept the same
+            inputs (shapes, dtypes, masks) as before.
+        backend: "triton", "cuda", "reference" or None (automatic) for the converted modules;
+            when given, it is also set on fastattn modules already in the model.
+
+    Returns:
+        ``model`` itself. A user subclass of a torch class, or a module torch wrapped (a
+        parametrization), is left as it is; a fused layer calls a submodule the user replaced
+        or hooked instead of fusing it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

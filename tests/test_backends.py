@@ -76,7 +76,9 @@ def test_import_is_free_of_side_effects():
     code = (
         "import sys, fastattn; "
         "assert 'triton' not in sys.modules, 'triton imported at import time'; "
-        "assert 'fastattn.bench' not in sys.modules; print('ok')"
+        "assert 'fastattn.bench' not in sys.modules; "
+        "assert not {'fastattn._build', 'fastattn.cuda', 'fastattn.triton'} & set(sys.modules), 'a backend imported'; "
+        "import torch; assert not torch.cuda.is_initialized(), 'CUDA initialized at import time'; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": ""}, check=False)
     assert out.stdout.strip() == "ok", out.stderr

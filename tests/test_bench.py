@@ -185,6 +185,26 @@ def test_errors_are_rows_with_reasons():
     assert rows["no-bwd", "forward+backward"].status == OK
 
 
+def test_a_provider_failing_while_timed_keeps_no_number():
+    """A failure after the untimed calls (here: from the 4th call on, inside the timer) leaves
+    a failed row with its reason and no memory or time figure from the calls before it."""
+
+    def flaky(case, problem):
+        inner, calls = _attention_naive(case, problem), []
+
+        def fn():
+            calls.append(1)
+            if len(calls) > 3:
+                raise RuntimeError("device lost")
+            return inner.fn()
+
+        return Workload(fn, inner.wrt)
+
+    row = _run([Provider("flaky", PEER, flaky)])["flaky", "forward"]
+    assert row.status == FAILED and "device lost" in row.reason
+    assert row.peak_mem_mib is None and row.median_ms is None and row.throughput is None
+
+
 def test_speedups_against_naive_and_best_peer():
     def row(provider, family, ms):
         return Row("attention", "c", "v", "seqlen", 1, {}, "float32", "forward", provider, family, OK, median_ms=ms)
@@ -244,6 +264,16 @@ def test_command_budget_skips_and_bad_arguments(tmp_path):
     assert main(["nonsense", "--out", out]) == 2
     if not torch.cuda.is_available():
         assert main(["ffn", "--device", "cuda", "--out", out]) == 2
+    assert main(["ffn", "--device", "gpu0", "--out", out]) == 2  # not a torch device name
+    assert main(["ffn", "--device", "meta", "--out", out]) == 2
+    assert main(["ffn", "--threads", "0", "--out", out]) == 2
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        f.write('{"rows": [{"op": "attention"}]')  # cut short: not JSON
+    assert main(["--report-only", "--out", out]) == 2
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"rows": [{"op": "attention"}]}, f)  # JSON, but not fastattn-bench rows
+    assert main(["--report-only", "--out", out]) == 2
 
 
 def test_model_suite_reports_missing_models(monkeypatch):

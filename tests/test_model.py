@@ -2,6 +2,7 @@
 synthetic task is right; the demo's training loss falls."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -105,6 +106,24 @@ def test_weight_tying_and_config_errors():
         model(torch.ones(1, TASK.max_target_len + 1, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
 
 
+@pytest.mark.parametrize(
+    "kw,error,fragment",
+    [
+        (dict(n_head=0), ValueError, "n_head must be a positive int"),
+        (dict(d_model=-32), ValueError, "d_model must be a positive int"),
+        (dict(n_layer=2.0), TypeError, "n_layer must be a positive int"),
+        (dict(max_len=0), ValueError, "max_len must be a positive int"),
+        (dict(dropout=1.0), ValueError, "dropout must be in [0, 1)"),
+        (dict(layer_norm_eps=0.0), ValueError, "layer_norm_eps must be a positive"),
+        (dict(pad_id=TASK.vocab_size), ValueError, "pad_id"),
+        (dict(backend="tpu"), ValueError, "backend must be one of"),
+    ],
+)
+def test_config_rejects_bad_values_by_name(kw, error, fragment):
+    with pytest.raises(error, match=re.escape(fragment)):
+        _config(**kw)
+
+
 def test_synthetic_task_batches():
     gen = torch.Generator().manual_seed(3)
     batch = TASK.sample(32, gen)
@@ -144,6 +163,22 @@ def test_demo_loss_falls(capsys):
         assert abs(lf - ln) < 1e-2 * max(1.0, ln)
     assert "greedy translations" in printed and "ms/step" in printed
     assert len(result.examples) == 2
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--device", "gpu0"], "--device must be"),
+        (["--device", "cuda:7"], "--device cuda:7"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--n-head", "3"], "d_model (64) must be divisible by n_head (3)"),
+        (["--backend", "tpu"], "backend must be one of"),
+    ],
+)
+def test_demo_bad_arguments_exit_with_a_message(argv, fragment):
+    """Bad options end the command with a message naming them, not a traceback."""
+    with pytest.raises(SystemExit, match=re.escape(fragment)):
+        demo.run(["--steps", "1", *argv])
 
 
 def test_demo_cli_entry_point(capsys):

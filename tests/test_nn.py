@@ -3,6 +3,7 @@ same outputs and gradients (float64 on CPU, where fastattn runs its reference ba
 
 import copy
 import inspect
+import re
 
 import pytest
 import torch
@@ -214,6 +215,27 @@ def test_mha_eval_matches_torch_fast_path(batch_first):
     torch.testing.assert_close(out_fast, out_ref, **TIGHT)
 
 
+@pytest.mark.parametrize("module", ["mha", "encoder"])
+def test_learnable_float_mask_gets_torch_gradient(module):
+    """A float mask that requires grad (a learned bias) works as in torch, gradient included:
+    fastattn's kernels compute no mask gradient, so such calls take torch's path."""
+    if module == "encoder":
+        ref, fast = _pair(nn.TransformerEncoderLayer, fnn.TransformerEncoderLayer, E, H, dim_feedforward=16, dropout=0.0)
+        forward = lambda m, x, mask: m(x, src_mask=mask)  # noqa: E731
+    else:
+        ref, fast = _pair(nn.MultiheadAttention, fnn.MultiheadAttention, E, H)
+        forward = lambda m, x, mask: m(x, x, x, attn_mask=mask, need_weights=False)[0]  # noqa: E731
+    x = torch.randn(5, 2, E, dtype=F64)
+    grads = []
+    for module in (ref, fast):
+        mask = torch.randn(5, 5, dtype=F64, requires_grad=True)
+        with torch.no_grad():
+            mask.copy_(torch.arange(25, dtype=F64).view(5, 5).cos())
+        forward(module, x, mask).sum().backward()
+        grads.append(mask.grad)
+    torch.testing.assert_close(grads[1], grads[0], **TIGHT)
+
+
 def test_mha_dropout_only_in_training():
     fast = fnn.MultiheadAttention(E, H, dropout=0.5, batch_first=True, dtype=F64)
     x = torch.randn(2, 16, E, dtype=F64)
@@ -259,6 +281,11 @@ def test_mha_errors():
         fast(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="2-D .*or 3-D"):
         fast(x[None], x[None], x[None], need_weights=False)
+    other_batch = torch.randn(4, 3, E)
+    with pytest.raises(ValueError, match=r"key's batch size \(3\) must equal query's \(2\)"):
+        fast(x, other_batch, other_batch, need_weights=False)
+    with pytest.raises(ValueError, match="key's last dim must be kdim=12"):
+        fast(x, x[..., :5], x, need_weights=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +382,23 @@ def test_feed_forward_module(activation, bias):
 def test_feed_forward_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         fnn.FeedForward(8, 16, activation="tanh")
+
+
+@pytest.mark.parametrize(
+    "build,fragment",
+    [
+        (lambda: fnn.FeedForward(8, 16, dropout=1.5), "dropout must be in [0, 1)"),
+        (lambda: fnn.FeedForward(8, 16, recompute="yes"), "recompute must be a bool"),
+        (lambda: fnn.AddLayerNorm(8, dropout_p=-0.1), "dropout_p must be in [0, 1)"),
+        (lambda: fnn.RMSNorm(8, dropout_p=1.0), "dropout_p must be in [0, 1)"),
+        (lambda: fnn.RMSNorm(8, prenorm=1), "prenorm must be a bool"),
+    ],
+)
+def test_module_options_are_checked_at_construction(build, fragment):
+    """As torch.nn.Dropout does: a bad option fails when the module is built, not at the first
+    training step (in eval it would never be checked)."""
+    with pytest.raises((ValueError, TypeError), match=re.escape(fragment)):
+        build()
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +503,21 @@ def test_layers_eval_with_dropout(cls_pair, norm_first):
     assert (out - ref(*args)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("cls_pair", [ENC, DEC], ids=["encoder", "decoder"])
+def test_layers_follow_each_dropout_modules_own_mode(cls_pair):
+    """torch applies a layer's nn.Dropout by that module's own train/eval flag: a training
+    layer whose dropouts (and attention) are put in eval runs without dropout."""
+    ref, fast = _layer_pair(cls_pair, dropout=0.3, batch_first=True)
+    for layer in (ref, fast):
+        layer.train()
+        for module in layer.modules():
+            if isinstance(module, (nn.Dropout, nn.MultiheadAttention)):
+                module.eval()
+    x = torch.randn(2, 6, D_MODEL, dtype=F64)
+    args = (x,) if cls_pair is ENC else (x, torch.randn(2, 3, D_MODEL, dtype=F64))
+    torch.testing.assert_close(fast(*args), ref(*args), **TIGHT)
+
+
 def test_layer_backend_is_passed_through(monkeypatch):
     """The module's backend reaches every fastattn op it calls."""
     import fastattn
@@ -476,6 +535,89 @@ def test_layer_backend_is_passed_through(monkeypatch):
     layer(torch.randn(4, 2, D_MODEL), torch.randn(3, 2, D_MODEL))
     assert {name for name, _ in seen} == {"flash_attention", "add_layer_norm", "feed_forward"}
     assert all(backend == "reference" for _, backend in seen)
+
+
+class _LoRALinear(nn.Linear):
+    """A user's wrapper of a layer's Linear (as PEFT's LoRA): same weight, different forward."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.5 * x.sum(-1, keepdim=True)
+
+
+class _ScaledGELU(nn.GELU):
+    """A user's subclass of a torch activation: not the activation its base class names."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+SUBMODULE_SWAPS = {
+    "subclassed_activation": lambda layer: setattr(layer, "activation", _ScaledGELU()),
+    "rms_norm1": lambda layer: setattr(layer, "norm1", nn.RMSNorm(D_MODEL, dtype=F64)),
+    "identity_dropout": lambda layer: setattr(layer, "dropout1", nn.Identity()),
+    "lora_linear1": lambda layer: setattr(layer, "linear1", _LoRALinear(D_MODEL, D_FF, dtype=F64)),
+    "lora_out_proj": lambda layer: setattr(layer.self_attn, "out_proj", _LoRALinear(D_MODEL, D_MODEL, dtype=F64)),
+}
+
+
+@pytest.mark.parametrize("swap", list(SUBMODULE_SWAPS))
+@pytest.mark.parametrize("cls_pair", [ENC, DEC], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_layers_honour_swapped_submodules(swap, cls_pair, norm_first):
+    """A torch layer runs its submodules; a fused layer whose norm, dropout or linear was
+    replaced by the user must run that replacement too, not read its weights."""
+    ref, fast = _layer_pair(cls_pair, norm_first=norm_first, batch_first=True)
+    for layer in (ref, fast):
+        SUBMODULE_SWAPS[swap](layer)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, D_MODEL, dtype=F64)
+    inputs = [x] if cls_pair is ENC else [x, torch.randn(2, 4, D_MODEL, dtype=F64)]
+    _assert_same(ref, fast, inputs, [], lambda m, *args: m(*args))
+
+
+@pytest.mark.parametrize("cls_pair", [ENC, DEC], ids=["encoder", "decoder"])
+def test_layers_fire_submodule_hooks(cls_pair):
+    """Hooks on a layer's submodules fire as in torch (the hooked ones run unfused), and the
+    hooks' effects on the results are the same."""
+
+    def hooked(layer):
+        seen = []
+        for name in ("self_attn", "norm1", "linear1", "dropout"):
+            getattr(layer, name).register_forward_hook(lambda mod, args, out, _n=name: seen.append(_n))
+        layer.norm2.register_forward_hook(lambda mod, args, out: out * 2)
+        return seen
+
+    ref, fast = _layer_pair(cls_pair, batch_first=True)
+    seen_ref, seen_fast = hooked(ref), hooked(fast)
+    x = torch.randn(2, 5, D_MODEL, dtype=F64)
+    inputs = [x] if cls_pair is ENC else [x, torch.randn(2, 4, D_MODEL, dtype=F64)]
+    _assert_same(ref, fast, inputs, [], lambda m, *args: m(*args))
+    assert sorted(seen_fast) == sorted(seen_ref) and seen_ref
+
+
+EMPTY_CASES = {
+    "layer_norm": (nn.LayerNorm, fnn.LayerNorm, (8,), lambda m, x: m(x), [(0, 8)]),
+    "rms_norm": (nn.RMSNorm, fnn.RMSNorm, (8,), lambda m, x: m(x), [(0, 8)]),
+    "mha_batch": (nn.MultiheadAttention, fnn.MultiheadAttention, (8, 2),
+                  lambda m, q, kv: m(q, kv, kv, need_weights=False)[0], [(3, 0, 8), (4, 0, 8)]),
+    "mha_tgt": (nn.MultiheadAttention, fnn.MultiheadAttention, (8, 2),
+                lambda m, q, kv: m(q, kv, kv, need_weights=False)[0], [(0, 2, 8), (4, 2, 8)]),
+    "encoder_batch": (*ENC, (8, 2, 16), lambda m, x: m(x), [(3, 0, 8)]),
+    "decoder_batch": (*DEC, (8, 2, 16), lambda m, t, mem: m(t, mem), [(3, 0, 8), (4, 0, 8)]),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_CASES))
+def test_drop_ins_accept_empty_inputs_like_torch(case):
+    """An empty batch (or an empty target) is no error for the torch modules: the drop-ins
+    return the same empty result instead of raising."""
+    torch_cls, fast_cls, args, forward, shapes = EMPTY_CASES[case]
+    ref = torch_cls(*args, dtype=F64)
+    fast = fast_cls(*args, dtype=F64)
+    fast.load_state_dict(ref.state_dict())
+    inputs = [torch.randn(s, dtype=F64) for s in shapes]
+    expected, out = forward(ref, *inputs), forward(fast, *inputs)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
 
 
 def test_layer_is_deep_copyable_and_keeps_class():

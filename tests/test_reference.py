@@ -10,6 +10,7 @@ import fastattn
 from fastattn.activations import activation_backward, activation_forward
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
 from fastattn.reference import attention as ref_attention
+from tests.helpers import assert_close_to_reference
 
 F64 = torch.float64
 
@@ -281,3 +282,69 @@ def test_autocast_runs_attention_and_ffn_in_the_autocast_dtype():
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-2, rtol=2e-2)
     (out.float().sum() + y.float().sum()).backward()
     assert q.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# The reference backend in low precision: the last fallback must meet the kernels' rule
+# --------------------------------------------------------------------------------------------
+LOW_PRECISION = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _check_low_precision(run, naive, leaves64, dtype, names):
+    """run/naive: tensors -> output; the reference backend (run) in ``dtype`` against float64,
+    with plain PyTorch (naive) in ``dtype`` as the baseline, for the output and every grad."""
+    low = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+    base = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+    out, out_base, out64 = run(*low), naive(*base), naive(*leaves64)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, out64, out_base, "out")
+    dout64 = torch.randn_like(out64)
+    grads = torch.autograd.grad(out, low, dout64.to(dtype))
+    grads_base = torch.autograd.grad(out_base, base, dout64.to(dtype))
+    grads64 = torch.autograd.grad(out64, leaves64, dout64)
+    for name, g, gb, g64 in zip(names, grads, grads_base, grads64):
+        assert g.dtype == dtype
+        assert_close_to_reference(g, g64, gb, name)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("d", [40, 80])
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_attention_low_precision(dtype, d, causal):
+    q, k, v = _qkv(1, 113, 203, 2, 1, d)
+    kpm = torch.rand(1, 203) > 0.2
+    kpm[:, -1] = True  # bottom-right causal: the last key is seen by every query
+    align = "bottom_right" if causal else None
+    run = lambda q, k, v: fastattn.flash_attention(q, k, v, causal=causal, key_padding_mask=kpm, backend="reference")  # noqa: E731
+    naive = lambda q, k, v: naive_attention(q, k, v, scale=d**-0.5, causal=align, kpm=kpm)  # noqa: E731
+    _check_low_precision(run, naive, [q, k, v], dtype, ["dq", "dk", "dv"])
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_reference_norm_low_precision(dtype, kind):
+    x, r = (torch.randn(7, 203, dtype=F64, requires_grad=True) for _ in range(2))
+    w, b = torch.randn(203, dtype=F64, requires_grad=True), torch.randn(203, dtype=F64, requires_grad=True)
+    if kind == "layer":
+        run = lambda x, r, w, b: fastattn.add_layer_norm(x, r, w, b, backend="reference")  # noqa: E731
+        naive = lambda x, r, w, b: F.layer_norm(x + r, (203,), w, b)  # noqa: E731
+        leaves, names = [x, r, w, b], ["dx", "dresidual", "dweight", "dbias"]
+    else:
+        run = lambda x, r, w: fastattn.rms_norm(x, r, w, eps=1e-6, backend="reference")  # noqa: E731
+        naive = lambda x, r, w: F.rms_norm(x + r, (203,), w, eps=1e-6)  # noqa: E731
+        leaves, names = [x, r, w], ["dx", "dresidual", "dweight"]
+    _check_low_precision(run, naive, leaves, dtype, names)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_reference_feed_forward_low_precision(dtype, activation):
+    d_model, d_ff = 40, 113
+    d_hidden = 2 * d_ff if activation == "swiglu" else d_ff
+    x = torch.randn(7, d_model, dtype=F64, requires_grad=True)
+    w1 = (torch.randn(d_hidden, d_model, dtype=F64) * d_model**-0.5).requires_grad_()
+    w2 = (torch.randn(d_model, d_ff, dtype=F64) * d_ff**-0.5).requires_grad_()
+    b1, b2 = torch.randn(d_hidden, dtype=F64, requires_grad=True), torch.randn(d_model, dtype=F64, requires_grad=True)
+    run = lambda x, w1, b1, w2, b2: fastattn.feed_forward(x, w1, b1, w2, b2, activation=activation, backend="reference")  # noqa: E731
+    naive = lambda x, w1, b1, w2, b2: F.linear(_torch_activation(F.linear(x, w1, b1), activation), w2, b2)  # noqa: E731
+    _check_low_precision(run, naive, [x, w1, b1, w2, b2], dtype, ["dx", "dw1", "db1", "dw2", "db2"])

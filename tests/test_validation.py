@@ -112,3 +112,38 @@ def test_feed_forward_bad_input(case):
     args.update(override)
     with pytest.raises(error, match=re.escape(fragment)):
         fastattn.feed_forward(**args)
+
+
+def _sparse(t):
+    return t.to_sparse()
+
+
+def _nested(t):
+    return torch.nested.nested_tensor(list(t.unbind(0)))  # (the jagged layout takes seconds to set up)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("layout", [_sparse, _nested], ids=["sparse", "nested"])
+def test_non_strided_tensors_are_rejected_by_name(layout):
+    """Sparse and nested tensors have no strides for a kernel: TypeError naming the argument."""
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="q must be a dense"):
+        fastattn.flash_attention(layout(q), k, v)
+    x = Q(3, 4, 8)
+    with pytest.raises(TypeError, match="residual must be a dense"):
+        fastattn.add_layer_norm(x, layout(x))
+    with pytest.raises(TypeError, match="x must be a dense"):
+        fastattn.feed_forward(layout(x), Q(7, 8), None, Q(8, 7), None)
+
+
+def test_feed_forward_under_autocast_still_names_a_bad_argument():
+    x, w2 = Q(2, 5), Q(3, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="w1 must be a torch.Tensor"):
+            fastattn.feed_forward(x, "w1", None, w2, None)
+
+
+def test_empty_backend_name_is_an_error_not_automatic():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastattn.flash_attention(q, k, v, backend="")

@@ -160,8 +160,11 @@ def get_backend(name: str) -> Backend:
 
 
 def requested_backend(backend: Optional[str] = None) -> Optional[str]:
-    """The explicit choice in force: argument, then use_backend(), then FASTATTN_BACKEND."""
-    return backend or _context_backend.get() or os.environ.get(ENV_VAR) or None
+    """The explicit choice in force: argument, then use_backend(), then FASTATTN_BACKEND (an
+    empty variable counts as unset; an empty argument is a bad name, not automatic choice)."""
+    if backend is not None:
+        return backend
+    return _context_backend.get() or os.environ.get(ENV_VAR) or None
 
 
 def select(op: str, inputs, options, backend: Optional[str] = None) -> Backend:
@@ -189,7 +192,13 @@ def select(op: str, inputs, options, backend: Optional[str] = None) -> Backend:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force a backend for the calls inside the block (``None`` restores automatic choice)."""
+    """Force a backend for the calls inside the block.
+
+    Arguments:
+        name: "triton", "cuda", "reference", or None (automatic choice inside the block). An
+            unknown name raises ValueError at once; a backend that cannot serve a call inside
+            the block raises BackendNotSupportedError at that call, with the reasons.
+    """
     if name is not None:
         get_backend(name)
     token = _context_backend.set(name)

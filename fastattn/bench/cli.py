@@ -21,6 +21,7 @@ from fastattn.bench.common import PRESETS
 from fastattn.bench.env import environment, load_average
 from fastattn.bench.harness import FAILED, FASTATTN, Row, TimerSettings, add_speedups
 from fastattn.bench.runner import Interrupted, RunContext, Suite, run_suite
+from fastattn.cli import resolve_device
 
 SUITES = {
     "attention": "fastattn.bench.attention",
@@ -77,17 +78,6 @@ def _resolve_ops(ops: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def _resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device must be cuda, cuda:N or cpu, got {name!r}")
-    return device
-
-
 def _on_sigterm(signum, frame):
     raise Interrupted(f"stopped by signal {signum} (time limit)")
 
@@ -97,9 +87,16 @@ def _report_only(out: str, plots: bool) -> int:
     if not os.path.exists(path):
         print(f"fastattn bench: {path} does not exist", file=sys.stderr)
         return 2
-    with open(path) as f:
-        data = json.load(f)
-    rows = report.rows_from(data)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        rows = report.rows_from(data)
+        missing = [key for key in ("environment", "settings", "unavailable_providers") if key not in data]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (ValueError, TypeError, KeyError) as err:  # JSONDecodeError is a ValueError
+        print(f"fastattn bench: {path} is not a fastattn bench results file: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     for path in report.write_all(out, data, rows, plots=plots):
         print(f"wrote {path}")
     print(report.short_table(rows))
@@ -116,7 +113,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _report_only(args.out, not args.no_plots)
     try:
         ops = _resolve_ops(args.ops)
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
     except ValueError as err:
         print(f"fastattn bench: {err}", file=sys.stderr)
         return 2

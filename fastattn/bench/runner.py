@@ -106,6 +106,11 @@ def _mark(rows: dict[str, Row], modes: Sequence[str], status: str, reason: str) 
         rows[mode].status, rows[mode].reason = status, reason
 
 
+def _clear_measurements(row: Row) -> None:
+    row.median_ms = row.p20_ms = row.p80_ms = row.reps = row.throughput = row.peak_mem_mib = None
+    row.memory_note = ""
+
+
 @dataclasses.dataclass(frozen=True)
 class Check:
     out_error: float
@@ -175,7 +180,8 @@ def run_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, 
                 row.median_ms, row.p20_ms, row.p80_ms, row.reps = timing.median_ms, timing.p20_ms, timing.p80_ms, timing.reps
                 work = suite.work(case, mode)
                 row.throughput = work / (timing.median_ms * 1e-3) / METRIC_UNITS[suite.metric]
-            except Exception as error:  # reported in the row
+            except Exception as error:  # reported in the row, without the figures of the calls before it
+                _clear_measurements(row)
                 row.status, row.reason = classify(error, caught)
             finally:
                 del run

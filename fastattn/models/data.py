@@ -29,6 +29,14 @@ class Batch(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticTranslation:
+    """The task's parameters; :meth:`sample` draws batches.
+
+    Arguments:
+        n_words: vocabulary words, in [1, 26]. min_len, max_len: sentence lengths, 1 <=
+            min_len <= max_len. seed: seeds the dictionary only (batches use the generator
+            passed to :meth:`sample`).
+    """
+
     n_words: int = 16  # at most 26 (one letter per word when shown)
     min_len: int = 3
     max_len: int = 10

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from fastattn.cli import resolve_device
 from fastattn.models.data import BOS, EOS, SyntheticTranslation
 from fastattn.models.transformer import Transformer, TransformerConfig
 
@@ -79,26 +80,32 @@ def _lr(step: int, steps: int, peak: float) -> float:
 def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
     """Parse the demo's arguments, train, evaluate, print; returns the numbers printed."""
     args = build_parser().parse_args(argv)
-    if args.steps < 1:
-        raise SystemExit("fastattn demo: --steps must be at least 1")
+    try:
+        for option in ("steps", "batch_size", "log_every"):
+            if getattr(args, option) < 1:
+                raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+        device = resolve_device(args.device)
+        task = SyntheticTranslation(min_len=args.min_len, max_len=args.max_len)
+        config = TransformerConfig(
+            src_vocab_size=task.vocab_size, tgt_vocab_size=task.vocab_size, max_len=task.max_target_len,
+            n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, d_ff=args.d_ff,
+            dropout=args.dropout, norm_first=not args.post_norm, backend=args.backend,
+        )
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"fastattn demo: {err}") from None
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        return _train_and_report(args)
+        return _train_and_report(args, device, task, config)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_and_report(args: argparse.Namespace) -> DemoResult:
-    device = torch.device(args.device)
+def _train_and_report(
+    args: argparse.Namespace, device: torch.device, task: SyntheticTranslation, config: TransformerConfig
+) -> DemoResult:
     impls = IMPLS if args.impl == "both" else (args.impl,)
-    task = SyntheticTranslation(min_len=args.min_len, max_len=args.max_len)
-    config = TransformerConfig(
-        src_vocab_size=task.vocab_size, tgt_vocab_size=task.vocab_size, max_len=task.max_target_len,
-        n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, d_ff=args.d_ff,
-        dropout=args.dropout, norm_first=not args.post_norm, backend=args.backend,
-    )
     torch.manual_seed(args.seed)
     models = {impl: Transformer(dataclasses.replace(config, impl=impl)).to(device) for impl in impls}
     first = models[impls[0]]

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastattn
+from fastattn.backends import get_backend
+from fastattn.ops import _checks as checks
 
 Impl = Literal["fused", "naive"]
 _NAIVE_ACT = {
@@ -34,6 +36,20 @@ _NAIVE_ACT = {
 
 @dataclasses.dataclass
 class TransformerConfig:
+    """Hyperparameters of :class:`Transformer`; bad values raise ValueError/TypeError here.
+
+    Arguments:
+        src_vocab_size, tgt_vocab_size, max_len, n_layer, n_head, d_model, d_ff: positive
+            ints; d_model % n_head == 0; max_len bounds the source and target lengths.
+        dropout: in [0, 1), on embeddings, attention probabilities, residual branches and
+            the feed-forward hidden layer (training only).
+        norm_first: pre-norm (True) or post-norm. activation: relu, gelu, gelu_tanh or silu.
+        bias: Linear and LayerNorm biases. layer_norm_eps: positive.
+        pad_id: the padding token id (masked as a key, ignored by the loss).
+        impl: "fused" (fastattn ops) or "naive" (plain PyTorch).
+        backend: fastattn backend for impl="fused": "triton", "cuda", "reference" or None.
+    """
+
     src_vocab_size: int = 32
     tgt_vocab_size: int = 32
     max_len: int = 64  # longest source or target sequence (sinusoid table size)
@@ -51,6 +67,16 @@ class TransformerConfig:
     backend: Optional[str] = None  # fastattn backend for impl="fused" (None: automatic)
 
     def __post_init__(self) -> None:
+        for name in ("src_vocab_size", "tgt_vocab_size", "max_len", "n_layer", "n_head", "d_model", "d_ff"):
+            checks.check_positive_int(name, getattr(self, name))
+        checks.check_probability("dropout", self.dropout)
+        checks.check_positive("layer_norm_eps", self.layer_norm_eps)
+        checks.check_bool("norm_first", self.norm_first)
+        checks.check_bool("bias", self.bias)
+        if not (isinstance(self.pad_id, int) and 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size)):
+            raise ValueError(f"pad_id must be a token id below both vocabulary sizes, got {self.pad_id!r}")
+        if self.backend is not None:
+            get_backend(self.backend)
         if self.impl not in ("fused", "naive"):
             raise ValueError(f"impl must be 'fused' or 'naive', got {self.impl!r}")
         if self.d_model % self.n_head != 0:
@@ -60,8 +86,16 @@ class TransformerConfig:
 
 
 def naive_attention(q, k, v, causal: bool, key_mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v in plain PyTorch; q (B, T, H, D), k/v (B, S, H, D),
-    key_mask (B, S) True = real token; causal is bottom-right aligned like flash_attention."""
+    """softmax(q k^T / sqrt(D)) v in plain PyTorch (the naive baseline).
+
+    Arguments:
+        q: (B, T, H, D); k, v: (B, S, H, D), q's float dtype and device.
+        causal: bottom-right aligned like flash_attention.
+        key_mask: (B, S) bool, True = real token, or None.
+        dropout_p: on the probabilities.
+
+    Returns (B, T, H, D) in q's dtype; a query row that sees no key gives NaN (plain softmax).
+    """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
     if key_mask is not None:
@@ -201,6 +235,17 @@ def sinusoids(length: int, channels: int) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
+    """Encoder-decoder Transformer with tied target embedding and output head.
+
+    Arguments:
+        config: a :class:`TransformerConfig` (its ``impl`` picks fused or naive ops).
+
+    forward(src, tgt, targets=None): src (B, S) and tgt (B, T) int64 token ids (right-padded
+    with pad_id, S and T at most max_len), targets (B, T) int64 or None. Returns logits
+    (B, T, tgt_vocab_size) in the parameters' dtype and the mean cross-entropy (float32
+    scalar) or None.
+    """
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config

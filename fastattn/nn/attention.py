@@ -4,7 +4,8 @@ Subclassing keeps the constructor, parameter names and state_dict keys identical
 projects q, k, v in the caller's layout, takes (B, L, H, D) views of them (no copies) and runs
 ``fastattn.flash_attention`` (no mask, or a bool key padding mask only) or
 ``fastattn.scaled_dot_product_attention`` (any other mask), then the output projection.
-``need_weights=True`` needs the probabilities themselves, so it runs torch's own path.
+``need_weights=True`` needs the probabilities themselves, so it runs torch's own path, as do
+nested or empty inputs and a mask that requires grad.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import fastattn
 def _check_mask_dtype(name: str, mask: Optional[torch.Tensor]) -> None:
     if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be bool or floating point (as in torch), got {mask.dtype}")
+
+
+def _learned(*masks: Optional[torch.Tensor]) -> bool:
+    """A float mask that requires grad (a learned bias): only torch's path computes its gradient."""
+    return any(m is not None and m.requires_grad for m in masks)
 
 
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,7 +53,22 @@ class MultiheadAttention(nn.MultiheadAttention):
     ``need_weights=True`` (torch's default) returns the weights through torch's own unfused
     path; pass ``need_weights=False`` for the fused one (the Transformer layers do).
     A query row that may see no key gets 0 from the attention (out_proj's bias after it).
-    ``backend``: "triton", "cuda", "reference" or None (automatic).
+
+    Arguments:
+        embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,
+            batch_first, device, dtype: as in torch; head dim = embed_dim // num_heads.
+        backend: "triton", "cuda", "reference" or None (automatic).
+
+    forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+    is_causal), as in torch:
+        query: (L, N, E) (or (N, L, E) with batch_first, or (L, E) unbatched), the module's
+            dtype; key: (S, N, kdim); value: (S, N, vdim).
+        key_padding_mask: (N, S) (or (S,)) bool (True = ignored) or float (added).
+        attn_mask: (L, S) or (N * num_heads, L, S), bool (True = not allowed) or float (added).
+            A float mask that requires grad (a learned bias) runs torch's unfused path, which
+            computes its gradient.
+        is_causal: a hint that attn_mask is the causal mask (attn_mask is still required).
+    Returns (attn_output like query, weights (N, L, S) with need_weights else None).
     """
 
     def __init__(
@@ -91,8 +112,11 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if need_weights or query.is_nested or key.is_nested or value.is_nested:
-            # The weights are the probabilities themselves, which a fused kernel never stores.
+        unfused = need_weights or any(t.is_nested or t.numel() == 0 for t in (query, key, value))
+        if unfused or _learned(attn_mask, key_padding_mask):
+            # The weights are the probabilities themselves, which a fused kernel never stores;
+            # nested tensors are torch's own fast path's; an empty batch has nothing to fuse; a
+            # mask that requires grad needs the gradient fastattn's kernels do not compute.
             return super().forward(
                 query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                 attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
@@ -117,6 +141,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     ) -> torch.Tensor:
         """The attention output alone (forward with ``need_weights=False``); the Transformer
         layers call it with their own ``backend``."""
+        if _learned(attn_mask, key_padding_mask):
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=False,
+                attn_mask=attn_mask, is_causal=is_causal,
+            )[0]
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         _check_mask_dtype("key_padding_mask", key_padding_mask)
         _check_mask_dtype("attn_mask", attn_mask)
@@ -199,6 +228,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ValueError(
                 f"key's sequence and batch dims {tuple(key.shape[:-1])} must match value's {tuple(value.shape[:-1])}"
             )
+        batch_dim = 0 if self.batch_first else 1
+        if query.dim() == 3 and key.shape[batch_dim] != query.shape[batch_dim]:
+            raise ValueError(f"key's batch size ({key.shape[batch_dim]}) must equal query's ({query.shape[batch_dim]})")
+        for name, t, dim in (("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != dim:
+                raise ValueError(f"{name}'s last dim must be {name[0]}dim={dim}, got {t.shape[-1]}")
         return query.dim() == 3
 
     def _in_projection(self, query, key, value):

@@ -13,21 +13,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastattn
+from fastattn.ops import _checks as checks
 from fastattn.options import ACTIVATIONS
 
 
 def fused_activation(activation: Union[str, Callable]) -> Optional[str]:
     """fastattn's name for a torch activation (string, function or module), or None when the
-    fused FFN cannot compute it (the caller then runs it unfused)."""
+    fused FFN cannot compute it (the caller then runs it unfused). Modules match by exact
+    type: a user's subclass may compute something else."""
     if isinstance(activation, str):
         return activation if activation in ACTIVATIONS else None
-    if activation is F.relu or isinstance(activation, nn.ReLU):
+    if activation is F.relu or type(activation) is nn.ReLU:
         return "relu"
     if activation is F.gelu:
         return "gelu"
-    if isinstance(activation, nn.GELU):
+    if type(activation) is nn.GELU:
         return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    if activation is F.silu or isinstance(activation, nn.SiLU):
+    if activation is F.silu or type(activation) is nn.SiLU:
         return "silu"
     return None
 
@@ -63,12 +65,13 @@ class FeedForward(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+        checks.check_bool("recompute", recompute)
         factory = {"device": device, "dtype": dtype}
         hidden = 2 * dim_feedforward if activation == "swiglu" else dim_feedforward
         self.linear1 = nn.Linear(d_model, hidden, bias=bias, **factory)
-        self.linear2 = nn.Linear(dim_feedforward, d_out or d_model, bias=bias, **factory)
+        self.linear2 = nn.Linear(dim_feedforward, d_model if d_out is None else d_out, bias=bias, **factory)
         self.activation = activation
-        self.dropout = dropout
+        self.dropout = checks.check_probability("dropout", dropout)
         self.recompute = recompute
         self.backend = backend
 

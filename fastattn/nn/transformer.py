@@ -19,26 +19,45 @@ from torch import nn
 import fastattn
 from fastattn.nn.attention import MultiheadAttention
 from fastattn.nn.ffn import fused_activation
+from fastattn.nn.norm import LayerNorm
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _plain(module, *classes: type) -> bool:
+    """True when ``module`` is exactly one of ``classes`` and has no hooks of its own: only then
+    may a fused op stand in for calling it (a user's subclass, replacement or hook must run)."""
+    return type(module) in classes and not _hooked(module)
 
 
 class _FusedLayerMixin:
-    """Helpers shared by the encoder and decoder layers (they read the torch layer's own
-    submodules, so a loaded torch state_dict or a swapped-in torch layer just works)."""
+    """Helpers shared by the encoder and decoder layers. They read the torch layer's own
+    submodules, so a loaded torch state_dict or a swapped-in torch layer just works; a
+    submodule the user replaced or hooked is called as torch would call it, unfused."""
 
     backend: Optional[str]
 
-    def _p(self, dropout: nn.Dropout) -> float:
-        return dropout.p if self.training else 0.0
+    @staticmethod
+    def _p(dropout: nn.Dropout) -> float:
+        """The probability torch's call of this dropout module would use (its own mode)."""
+        return dropout.p if dropout.training else 0.0
 
-    def _norm(self, x, residual, norm: nn.LayerNorm, dropout: Optional[nn.Dropout], prenorm: bool = False):
+    def _norm(self, x, residual, norm: nn.Module, dropout: Optional[nn.Module], prenorm: bool = False):
         """norm(dropout(x) + residual); with prenorm also the sum (the new residual stream)."""
-        return fastattn.add_layer_norm(
-            x, residual, norm.weight, norm.bias, eps=norm.eps,
-            dropout_p=0.0 if dropout is None else self._p(dropout), prenorm=prenorm, backend=self.backend,
-        )
+        fusable = _plain(norm, nn.LayerNorm, LayerNorm) and len(norm.normalized_shape) == 1
+        if fusable and (dropout is None or _plain(dropout, nn.Dropout)):
+            return fastattn.add_layer_norm(
+                x, residual, norm.weight, norm.bias, eps=norm.eps,
+                dropout_p=0.0 if dropout is None else self._p(dropout), prenorm=prenorm, backend=self.backend,
+            )
+        h = x if dropout is None else dropout(x)
+        h = h if residual is None else residual + h
+        return (norm(h), h) if prenorm else norm(h)
 
-    def _attend(self, attn: nn.MultiheadAttention, q, kv, attn_mask, key_padding_mask, is_causal) -> torch.Tensor:
-        if isinstance(attn, MultiheadAttention):
+    def _attend(self, attn: nn.Module, q, kv, attn_mask, key_padding_mask, is_causal) -> torch.Tensor:
+        if _plain(attn, MultiheadAttention):
             return attn.fused_forward(
                 q, kv, kv, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                 is_causal=is_causal, backend=self.backend,
@@ -49,9 +68,13 @@ class _FusedLayerMixin:
         )[0]
 
     def _ff(self, x: torch.Tensor) -> torch.Tensor:
-        """linear2(dropout(act(linear1(x)))), fused unless the activation is a custom callable."""
+        """linear2(dropout(act(linear1(x)))), fused unless the activation is a custom callable
+        or a submodule is not the plain torch one."""
         activation = fused_activation(self.activation)
-        if activation is None:
+        plain = _plain(self.linear1, nn.Linear) and _plain(self.linear2, nn.Linear) and _plain(self.dropout, nn.Dropout)
+        if isinstance(self.activation, nn.Module) and _hooked(self.activation):
+            plain = False
+        if activation is None or not plain:
             return self.linear2(self.dropout(self.activation(self.linear1(x))))
         return fastattn.feed_forward(
             x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
@@ -61,7 +84,18 @@ class _FusedLayerMixin:
 
 class TransformerEncoderLayer(_FusedLayerMixin, nn.TransformerEncoderLayer):
     """Drop-in for :class:`torch.nn.TransformerEncoderLayer` (same constructor plus
-    ``backend``, same parameters, state_dict and forward) built on fastattn's fused ops."""
+    ``backend``, same parameters, state_dict and forward) built on fastattn's fused ops.
+
+    Arguments:
+        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+            norm_first, bias, device, dtype: as in torch (an activation other than relu,
+            gelu, gelu-tanh or silu runs the feed-forward unfused).
+        backend: "triton", "cuda", "reference" or None (automatic).
+
+    forward(src, src_mask, src_key_padding_mask, is_causal): src (S, N, E) (or (N, S, E) with
+    batch_first, or (S, E)) in the layer's dtype; masks as in
+    :class:`fastattn.nn.MultiheadAttention`. Returns src's shape and dtype.
+    """
 
     def __init__(
         self,
@@ -103,23 +137,34 @@ class TransformerEncoderLayer(_FusedLayerMixin, nn.TransformerEncoderLayer):
         src_key_padding_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        if src.is_nested:
+        if src.is_nested or src.numel() == 0:
             # nn.TransformerEncoder packs padded batches into nested tensors in inference;
-            # torch's own fast path is the one that runs on those.
+            # torch's own fast path is the one that runs on those. An empty batch has nothing
+            # to fuse.
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         x = src
         if self.norm_first:
             y = self._norm(x, None, self.norm1, None)
             a = self._attend(self.self_attn, y, y, src_mask, src_key_padding_mask, is_causal)
             y, h = self._norm(a, x, self.norm2, self.dropout1, prenorm=True)
-            return h + F.dropout(self._ff(y), self._p(self.dropout2))
+            return h + self.dropout2(self._ff(y))
         x = self._norm(self._attend(self.self_attn, x, x, src_mask, src_key_padding_mask, is_causal), x, self.norm1, self.dropout1)
         return self._norm(self._ff(x), x, self.norm2, self.dropout2)
 
 
 class TransformerDecoderLayer(_FusedLayerMixin, nn.TransformerDecoderLayer):
     """Drop-in for :class:`torch.nn.TransformerDecoderLayer` (same constructor plus
-    ``backend``, same parameters, state_dict and forward) built on fastattn's fused ops."""
+    ``backend``, same parameters, state_dict and forward) built on fastattn's fused ops.
+
+    Arguments:
+        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+            norm_first, bias, device, dtype, backend: as in :class:`TransformerEncoderLayer`.
+
+    forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+    tgt_is_causal, memory_is_causal): tgt (T, N, E), memory (S, N, E) (batch first with
+    batch_first; (T, E) and (S, E) unbatched); masks as in
+    :class:`fastattn.nn.MultiheadAttention`. Returns tgt's shape and dtype.
+    """
 
     def __init__(
         self,
@@ -167,6 +212,11 @@ class TransformerDecoderLayer(_FusedLayerMixin, nn.TransformerDecoderLayer):
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
     ) -> torch.Tensor:
+        if tgt.numel() == 0 or memory.numel() == 0:  # an empty batch: nothing to fuse
+            return super().forward(
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                tgt_is_causal, memory_is_causal,
+            )
         x = tgt
         if self.norm_first:
             y = self._norm(x, None, self.norm1, None)
@@ -174,7 +224,7 @@ class TransformerDecoderLayer(_FusedLayerMixin, nn.TransformerDecoderLayer):
             y, h = self._norm(a, x, self.norm2, self.dropout1, prenorm=True)
             c = self._attend(self.multihead_attn, y, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
             y, h = self._norm(c, h, self.norm3, self.dropout2, prenorm=True)
-            return h + F.dropout(self._ff(y), self._p(self.dropout3))
+            return h + self.dropout3(self._ff(y))
         a = self._attend(self.self_attn, x, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
         x = self._norm(a, x, self.norm1, self.dropout1)
         c = self._attend(self.multihead_attn, x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)

@@ -20,8 +20,9 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 def cast_for_autocast(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
     """Casting point: fp32/fp16/bf16 tensors go to the autocast dtype; fp64 and non-float
-    tensors pass unchanged, as torch's autocast does."""
-    if tensor is None or dtype is None or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    tensors pass unchanged, as torch's autocast does; so does anything that is not a tensor
+    (validation, which runs after the cast, names it)."""
+    if not isinstance(tensor, torch.Tensor) or dtype is None or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return tensor
     return tensor.to(dtype)
 

@@ -23,6 +23,9 @@ def check_tensor(name: str, value, *, optional: bool = False) -> None:
     if not isinstance(value, torch.Tensor):
         kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_nested:
+        layout = "nested" if value.is_nested else str(value.layout).replace("torch.", "")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} tensor")
 
 
 def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
@@ -74,6 +77,14 @@ def check_positive(name: str, value) -> float:
     if not (math.isfinite(float(value)) and float(value) > 0.0):
         raise ValueError(f"{name} must be a positive finite float, got {value}")
     return float(value)
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
 
 
 def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:

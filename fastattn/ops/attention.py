@@ -125,7 +125,7 @@ def flash_attention(
             ``nheads % nheads_kv == 0`` (grouped-query / multi-query attention).
         causal: query i sees key j iff ``j <= i + seqlen_k - seqlen_q`` (bottom-right aligned,
             as flash-attn >= 2.1).
-        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        softmax_scale: a positive finite float; defaults to ``1 / sqrt(headdim)``.
         key_padding_mask: (batch, seqlen_k) bool, True = real token, False = ignored.
         dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
         return_lse: also return the logsumexp.
@@ -257,7 +257,8 @@ def scaled_dot_product_attention(
             the scaled scores). Receives no gradient.
         dropout_p: applied whenever > 0, as torch does (pass 0.0 in eval).
         is_causal: top-left aligned causal mask (query i sees key j <= i); not with attn_mask.
-        scale: defaults to ``1 / sqrt(E)``.
+        scale: a positive finite float (torch also accepts 0 or a negative scale; fastattn
+            raises ValueError); defaults to ``1 / sqrt(E)``.
         enable_gqa: allow fewer key/value heads than query heads.
         backend: "triton", "cuda", "reference" or None (automatic).
 
