@@ -1,4 +1,4 @@
-"""CUDA FlashAttention-2 (fastattn.cuda.attention, kernels/attention/) against the float64
+"""CUDA FlashAttention (fastattn.cuda.attention, kernels/attention/) against the float64
 reference.
 
 Two ways to run the same kernel code:
@@ -11,7 +11,10 @@ Two ways to run the same kernel code:
   divergent warp collective is an error; cp.async copies at issue or only at wait_group;
   warps in lockstep or one running ahead; shared memory starts as NaN). This checks the
   indexing, masking, softmax, pipelining and synchronisation of the kernels, not the
-  hardware. The params are packed here the way csrc/attention.cpp fills them.
+  hardware. The params are packed here the way csrc/attention.cpp fills them. The sm_90a
+  wgmma forward runs the same way on emulation/flash_emu_ptx_sm90.h (wgmma executed at
+  wait_group, operands read through descriptors and the swizzle), and
+  emulation/sm90_layout_check.cpp cross-checks its layouts and descriptors against CuTe.
 
 Tolerance: tests/helpers.py (kernel error vs the float64 reference <= 2 x the error of plain
 PyTorch attention in the same dtype, + atol). Dropout: the reference is given the kernels' keep
@@ -30,6 +33,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,7 +51,8 @@ from conftest import requires_cuda
 
 ATTENTION_DIR = _build.KERNELS_DIR / "attention"
 EMU_SOURCE = ATTENTION_DIR / "emulation" / "flash_emu.cpp"
-SM80_MAX_SMEM = 166912  # opt-in dynamic shared memory per block on sm_80 (sm_90: 232448)
+SM80_MAX_SMEM = 166912  # opt-in dynamic shared memory per block on sm_80
+SM90_MAX_SMEM = 232448  # same on sm_90 (the wgmma forward kernel runs only there)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +157,11 @@ def _cuda_include_dir() -> Optional[str]:
     return None
 
 
+EMU_FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
+             '-DFASTATTN_FLASH_PTX_HEADER="emulation/flash_emu_ptx.h"',
+             '-DFASTATTN_FLASH_PTX_SM90_HEADER="emulation/flash_emu_ptx_sm90.h"')
+
+
 def _dropout_threshold(p: float) -> int:
     scaled = float(torch.tensor(p, dtype=torch.float32)) * 4294967296.0  # the host rounds p to float
     return 0 if scaled <= 0 else 0xFFFFFFFF if scaled >= 4294967295.0 else int(scaled + 0.5)
@@ -164,7 +174,7 @@ class Emulator:
         self.lib = ctypes.CDLL(str(library))
         self.lib.emu_param_layout.restype = ctypes.c_char_p
         self.lib.emu_kernel_configs.restype = ctypes.c_char_p
-        for fn in (self.lib.emu_flash_fwd, self.lib.emu_flash_bwd):
+        for fn in (self.lib.emu_flash_fwd, self.lib.emu_flash_fwd_sm90, self.lib.emu_flash_bwd):
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
             fn.restype = ctypes.c_int
         self.layout = {}
@@ -234,9 +244,9 @@ class Emulator:
             dtype=0 if q.dtype == torch.float16 else 1,
         )
 
-    def run(self, inputs: AttentionInputs, options: AttentionOptions, rng, dout: torch.Tensor):
-        d = inputs.head_dim
-        padded = (d + 7) // 8 * 8
+    def forward(self, inputs: AttentionInputs, options: AttentionOptions, rng, sm90: bool = False):
+        """Padded q, k, v, out and lse of the mma.sync forward kernel, or of the sm_90a wgmma one."""
+        padded = (inputs.head_dim + 7) // 8 * 8
         q, k, v = (self._operand(t, padded) for t in (inputs.q, inputs.k, inputs.v))
         b, lq, h, _ = q.shape
         out = torch.full((b, lq, h, padded), float("nan"), dtype=q.dtype)
@@ -244,7 +254,14 @@ class Emulator:
         values = self._common(q, k, v, inputs, options, rng)
         values.update(out=out.data_ptr(), o_batch_stride=out.stride(0), o_row_stride=out.stride(1),
                       o_head_stride=out.stride(2), lse=lse.data_ptr())
-        self._call(self.lib.emu_flash_fwd, "fwd", values)
+        self._call(self.lib.emu_flash_fwd_sm90 if sm90 else self.lib.emu_flash_fwd, "fwd", values)
+        return q, k, v, out, lse
+
+    def run(self, inputs: AttentionInputs, options: AttentionOptions, rng, dout: torch.Tensor, sm90: bool = False):
+        d = inputs.head_dim
+        padded = (d + 7) // 8 * 8
+        q, k, v, out, lse = self.forward(inputs, options, rng, sm90)
+        b, lq, h, _ = q.shape
 
         dout_k = self._operand(dout, padded)
         delta = torch.full((b, h, lq), float("nan"))
@@ -277,18 +294,16 @@ def emulator(tmp_path_factory) -> Emulator:
     if sys.platform != "linux":
         pytest.skip("the kernel emulation uses glibc ucontext fibers")
     library = tmp_path_factory.mktemp("flash_emu") / "libflash_emu.so"
-    cmd = [gxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
-           '-DFASTATTN_FLASH_PTX_HEADER="emulation/flash_emu_ptx.h"', f"-I{include}", str(EMU_SOURCE),
-           "-o", str(library)]
+    cmd = [gxx, *EMU_FLAGS, f"-I{include}", str(EMU_SOURCE), "-o", str(library)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return Emulator(library)
 
 
-def _emulated(emulator: Emulator, mode: int) -> Runner:
+def _emulated(emulator: Emulator, mode: int, sm90: bool = False) -> Runner:
     def run(inputs, options, rng, dout):
         emulator.mode = mode
-        return emulator.run(inputs, options, rng, dout)
+        return emulator.run(inputs, options, rng, dout, sm90=sm90)
 
     return run
 
@@ -325,9 +340,7 @@ def test_emulator_rejects_a_missing_barrier(emulator, tmp_path):
     (mutant_dir / "attention" / "flash_fwd_kernel.cuh").write_text(source.replace(guarded, "    cp_async_wait<0>();\n"))
     library = tmp_path / "libmutant.so"
     # The emulator built against the mutant tree, head-dim bucket 64 only (a quicker build).
-    cmd = [shutil.which("g++"), "-std=c++17", "-O1", "-shared", "-fPIC", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
-           '-DFASTATTN_FLASH_PTX_HEADER="emulation/flash_emu_ptx.h"', "-DFASTATTN_EMU_HEADDIM=64",
-           f"-I{_cuda_include_dir()}",
+    cmd = [shutil.which("g++"), *EMU_FLAGS, "-DFASTATTN_EMU_HEADDIM=64", f"-I{_cuda_include_dir()}",
            str(mutant_dir / "attention" / "emulation" / "flash_emu.cpp"), "-o", str(library)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -343,10 +356,12 @@ def test_emulator_rejects_a_missing_barrier(emulator, tmp_path):
 
 def test_kernel_configurations_fit_shared_memory(emulator):
     configs = emulator.kernel_configs()
-    assert len(configs) == 2 * 6 * 2 * 4
+    sm90 = {name for name in configs if name.startswith("fwd_sm90_")}
+    assert len(configs) - len(sm90) == 2 * 6 * 2 * 4 and len(sm90) == 2 * 3
     for name, (threads, smem) in configs.items():
         assert threads % 32 == 0 and threads <= 1024, name
-        assert 0 < smem <= SM80_MAX_SMEM, f"{name}: {smem} B of shared memory is above the sm_80 limit"
+        limit = SM90_MAX_SMEM if name in sm90 else SM80_MAX_SMEM
+        assert 0 < smem <= limit, f"{name}: {smem} B of shared memory is above the limit {limit}"
 
 
 def test_instantiations_are_generated_and_current():
@@ -359,6 +374,89 @@ def test_instantiations_are_generated_and_current():
             for direction in ("fwd", "bwd"):
                 for suffix in ("", "_dropout"):
                     assert f"flash_{direction}_hdim{head_dim}_{dtype}{suffix}_sm80.cu" in names
+        for head_dim in (64, 128, 256):  # the wgmma forward
+            assert f"flash_fwd_hdim{head_dim}_{dtype}_sm90.cu" in names
+
+
+# --------------------------------------------------------------------------------------------
+# The sm_90a wgmma forward (flash_fwd_sm90_kernel.cuh) in emulation
+# --------------------------------------------------------------------------------------------
+# emulation/flash_emu_ptx_sm90.h: wgmma as warpgroup collectives executed only when a
+# wait_group retires them, operands read through the descriptors and the swizzle, accumulators
+# checked untouched while in flight, cp.async data fenced for the async proxy. The backward of
+# each case runs on the mma.sync kernels from this forward's out and lse.
+SM90_CASES = [
+    Case(head_dim=64, seqlen_q=113, seqlen_k=203),
+    Case(head_dim=128, seqlen_q=113, seqlen_k=203, dtype=torch.bfloat16),
+    Case(head_dim=128, heads=4, heads_kv=1, seqlen_q=1, seqlen_k=1),  # MQA
+    Case(head_dim=64, seqlen_q=300, seqlen_k=170, causal=True, dtype=torch.bfloat16),  # dead rows and tiles
+    Case(head_dim=128, seqlen_q=200, seqlen_k=300, causal=True, alignment="top_left"),
+    Case(head_dim=128, batch=2, heads=4, heads_kv=2, kpm=True, seqlen_q=70, seqlen_k=290, dtype=torch.bfloat16),
+    Case(head_dim=40, mask="bool", seqlen_q=40, seqlen_k=150, dtype=torch.bfloat16),  # bucket 64
+    Case(head_dim=96, mask="float", seqlen_q=40, seqlen_k=150),  # bucket 128
+    Case(head_dim=128, mask="float32", heads=4, heads_kv=2, seqlen_q=40, seqlen_k=150, causal=True),
+    Case(head_dim=64, packed=True, heads=2, heads_kv=2, seqlen_q=65, seqlen_k=65, causal=True),
+    Case(head_dim=256, seqlen_q=150, seqlen_k=203, dtype=torch.bfloat16),  # 80-key blocks
+    Case(head_dim=192, batch=2, heads=2, heads_kv=1, kpm=True, causal=True, seqlen_q=170, seqlen_k=90),
+]
+
+
+@pytest.mark.parametrize("index", range(len(SM90_CASES)), ids=[str(c) for c in SM90_CASES])
+def test_emulated_sm90_forward_matches_reference(emulator, index):
+    case = SM90_CASES[index]
+    inputs, options, rng = make_inputs(case, "cpu")
+    check_case(_emulated(emulator, index % 6, sm90=True), inputs, options, rng, expect_dead_rows=_has_dead_rows(case))
+
+
+SM90_MUTANTS = {
+    # S(n) read before its wgmma retired: the softmax would see stale accumulators.
+    "missing_wgmma_wait": ("      wgmma_wait<1>();  // S(n) done, P V(n-1) still runs under the softmax\n", ""),
+    # cp.async data read by wgmma without the generic -> async proxy fence.
+    "missing_proxy_fence": ("    cp_async_wait<0>();\n    fence_proxy_async_smem();\n", "    cp_async_wait<0>();\n"),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(SM90_MUTANTS))
+def test_sm90_emulator_rejects_broken_synchronisation(emulator, tmp_path, mutant):
+    """The sm90 emulation can fail: the kernel without one of its wgmma / proxy waits."""
+    old, new = SM90_MUTANTS[mutant]
+    source = (ATTENTION_DIR / "flash_fwd_sm90_kernel.cuh").read_text()
+    assert source.count(old) == 1
+    mutant_dir = tmp_path / "kernels"
+    shutil.copytree(_build.KERNELS_DIR, mutant_dir)
+    (mutant_dir / "attention" / "flash_fwd_sm90_kernel.cuh").write_text(source.replace(old, new))
+    library = tmp_path / "libmutant.so"
+    cmd = [shutil.which("g++"), *EMU_FLAGS, "-DFASTATTN_EMU_HEADDIM=64", f"-I{_cuda_include_dir()}",
+           str(mutant_dir / "attention" / "emulation" / "flash_emu.cpp"), "-o", str(library)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    inputs, options, rng = make_inputs(Case(head_dim=64, seqlen_q=64, seqlen_k=300, heads=1), "cpu")
+    emulator.mode = 0
+    emulator.forward(inputs, options, rng, sm90=True)  # the real kernel passes
+    broken = Emulator(library)
+    with pytest.raises(AssertionError, match="in flight|fence.proxy.async"):
+        broken.forward(inputs, options, rng, sm90=True)
+
+
+def test_sm90_layouts_and_descriptors_agree_with_cute():
+    """emulation/sm90_layout_check.cpp: the kernel's swizzled tile writer, its wgmma
+    descriptors and the emulator's descriptor decoder against CuTe's GMMA layouts and
+    make_gmma_desc (the emulation and the kernel must not share a misunderstanding)."""
+    cutlass = _build.cutlass_include_dir()
+    include = _cuda_include_dir()
+    if cutlass is None or include is None or shutil.which("g++") is None:
+        pytest.skip("needs g++, the CUDA headers and the nvidia-cutlass wheel's CuTe headers")
+    includes = [f"-I{cutlass}", f"-I{include}"]
+    if (Path(include) / "cccl").is_dir():  # CUDA 13 keeps libcu++ (cuda/std) there
+        includes.append(f"-I{Path(include) / 'cccl'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "sm90_layout_check"
+        cmd = [shutil.which("g++"), "-std=c++17", "-O1", "-w", *includes,
+               str(ATTENTION_DIR / "emulation" / "sm90_layout_check.cpp"), "-o", str(exe)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "OK: 0 mismatches" in run.stdout, run.stdout[-4000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +475,18 @@ def test_capabilities_send_fp32_and_large_heads_elsewhere():
     mask = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
     reasons = cattn.not_supported_reasons(AttentionInputs(ok, ok, ok, None, mask), opts)
     assert any("attn_mask dtype" in r for r in reasons)
+
+
+def test_forward_kernel_rule(monkeypatch):
+    monkeypatch.delenv("FASTATTN_DISABLE_SM90_FWD", raising=False)
+    assert cattn.forward_kernel(0.0, (9, 0)) == cattn.SM90_WGMMA
+    assert cattn.forward_kernel(0.1, (9, 0)) == cattn.MMA_SYNC  # dropout
+    assert cattn.forward_kernel(0.0, (8, 0)) == cattn.MMA_SYNC
+    assert cattn.forward_kernel(0.0, (10, 0)) == cattn.MMA_SYNC
+    monkeypatch.setenv("FASTATTN_DISABLE_SM90_FWD", "0")
+    assert cattn.forward_kernel(0.0, (9, 0)) == cattn.SM90_WGMMA
+    monkeypatch.setenv("FASTATTN_DISABLE_SM90_FWD", "1")
+    assert cattn.forward_kernel(0.0, (9, 0)) == cattn.MMA_SYNC
 
 
 def test_dropout_mask_is_the_philox_mirror():
@@ -438,6 +548,33 @@ def test_gpu_deterministic_backward_is_bitwise_reproducible(dtype):
     atomic = cattn.backward(dout, out, lse, inputs, dataclasses.replace(options, deterministic=False), rng)
     for a, b in zip(atomic, first):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", [
+    Case(batch=2, heads=4, heads_kv=2, seqlen_q=1000, seqlen_k=1100, head_dim=128, dtype=torch.bfloat16),
+    Case(batch=2, heads=4, heads_kv=4, seqlen_q=777, seqlen_k=513, head_dim=64, causal=True),
+    Case(batch=2, heads=4, heads_kv=1, seqlen_q=300, seqlen_k=300, head_dim=96, kpm=True, mask="bool",
+         causal=True, alignment="top_left", dtype=torch.bfloat16),
+    Case(batch=2, heads=4, heads_kv=2, seqlen_q=513, seqlen_k=700, head_dim=256, causal=True),
+], ids=str)
+def test_gpu_sm90_forward_matches_reference_and_mma_sync(case, monkeypatch):
+    """On a 9.x GPU: the wgmma forward (default there) against the float64 reference and the
+    mma.sync forward (FASTATTN_DISABLE_SM90_FWD=1)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma forward runs on compute capability 9.x only")
+    inputs, options, rng = make_inputs(case, "cuda")
+    monkeypatch.delenv("FASTATTN_DISABLE_SM90_FWD", raising=False)
+    out, lse = cattn.forward(inputs, options, rng)
+    monkeypatch.setenv("FASTATTN_DISABLE_SM90_FWD", "1")
+    out_mma, lse_mma = cattn.forward(inputs, options, rng)
+    assert not torch.equal(out, out_mma), "expected the two kernels to differ in rounding: was the wgmma one run?"
+    out64, lse64 = reference.forward(_to64(inputs), options, rng)
+    base_out, _lse, _ = _shared_baseline(inputs, options, None, torch.zeros_like(inputs.q))
+    assert_close_to_reference(out, out64, base_out, "out (wgmma)")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_mma))
+    live = ~torch.isneginf(lse64)
+    assert (lse[live].double() - lse64[live]).abs().max().item() < 2e-3
 
 
 @requires_cuda

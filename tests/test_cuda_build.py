@@ -28,6 +28,8 @@ from conftest import requires_cuda
 requires_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="needs nvcc (PATH or CUDA_HOME)")
 ARCHS = ("80", "90a")
 TENSOR_CORE_OPS = ("attention", "ffn")
+# The wgmma forward: real code only for sm_90a (a trap stub on sm_80), checked by its own test.
+SM90_ATTENTION_FILE = _build.KERNELS_DIR / "attention" / "instantiations" / "flash_fwd_hdim128_bf16_sm90.cu"
 
 
 def _representative_kernel_files() -> list[Path]:
@@ -44,7 +46,8 @@ def _representative_kernel_files() -> list[Path]:
             picks = [f for f in op_files if direction in f.stem.split("_") and "bf16" in f.stem]
             if picks:
                 chosen.append(picks[0])
-    return sorted(chosen)
+    chosen.append(SM90_ATTENTION_FILE)
+    return sorted(set(chosen))
 
 
 CHECKED_FILES = _representative_kernel_files()
@@ -99,7 +102,7 @@ def test_norm_kernels_are_all_built(kernel_reports):
 
 
 TC_FILES = [f for f in CHECKED_FILES if f.relative_to(_build.KERNELS_DIR).parts[0] in TENSOR_CORE_OPS
-            and "instantiations" in f.parts]
+            and "instantiations" in f.parts and f != SM90_ATTENTION_FILE]
 
 
 @requires_nvcc
@@ -407,3 +410,12 @@ def test_extension_builds_and_registers_ops():
     assert _build.extension_path() is not None
     for name in ("norm_fwd", "norm_bwd", "attention_fwd", "attention_bwd"):
         assert hasattr(torch.ops.fastattn, name), name
+
+
+@requires_nvcc
+@pytest.mark.skipif(_build.find_cuobjdump() is None, reason="needs cuobjdump (CUDA toolkit or triton's wheel)")
+def test_sm90_attention_forward_uses_wgmma(kernel_reports):
+    report = kernel_reports[_rel(SM90_ATTENTION_FILE)]
+    assert report.ok
+    sm90 = [k for k in report.kernels if k.arch == "90a"]
+    assert sm90 and all(k.tensor_cores and not k.spills for k in sm90), sm90

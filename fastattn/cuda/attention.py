@@ -1,13 +1,24 @@
-"""CUDA FlashAttention-2: backend primitives over ``torch.ops.fastattn.attention_fwd`` and
+"""CUDA FlashAttention: backend primitives over ``torch.ops.fastattn.attention_fwd`` and
 ``attention_bwd`` (csrc/attention.cpp, kernels/attention/), plus their fake tensors and autograd.
 
 Kernels (kernels/attention/, design and expected figures in docs/cuda_attention.md):
-warp-level ``mma.sync.m16n8k16`` (fp32 accumulation) fed by ``ldmatrix`` from shared memory
-and ``cp.async`` tile loads, one code path for sm_80 and sm_90.
 
-- forward: one CTA per (128 or 64 query rows, head, batch); each warp owns 16 or 32 rows, so
-  the online softmax (exp2, scale folded with log2 e) runs in the accumulator registers and P
-  is reused in registers as the A operand of P V. Returns out and the fp32 lse.
+- sm_90 forward (FlashAttention-3 style, ``flash_fwd_sm90_kernel.cuh``): warpgroup MMA
+  (``wgmma``) on sm_90a, 128 query rows per CTA in 2 warpgroups, ``S = Q K^T`` with both
+  operands in 128-byte-swizzled shared memory, ``O += P V`` with P from registers, the softmax
+  of one key block overlapping the P V of the previous one. It serves the forward on a
+  compute-capability 9.x GPU when there is no dropout (head-dim buckets 64, 128, 256;
+  :func:`forward_kernel`, the rule of ``kernels/attention/flash_api.cu``);
+  ``FASTATTN_DISABLE_SM90_FWD=1`` turns it off.
+- everything else (sm_80+, dropout, the whole backward): warp-level
+  ``mma.sync.m16n8k16`` (fp32 accumulation) fed by ``ldmatrix`` from shared memory and
+  ``cp.async`` tile loads, one code path for sm_80 and sm_90.
+
+Both forward kernels return the same out and fp32 lse, so the backward does not care which ran.
+
+- forward (mma.sync): one CTA per (128 or 64 query rows, head, batch); each warp owns 16 or 32
+  rows, so the online softmax (exp2, scale folded with log2 e) runs in the accumulator
+  registers and P is reused in registers as the A operand of P V. Returns out and the fp32 lse.
 - backward: delta = rowsum(dO * O); a dK/dV kernel per key block that loops over the query
   heads of its GQA group and the query blocks (dK, dV in fp32 registers); dQ either
   accumulated with fp32 atomics from the same kernel (default) or, ``deterministic``, by a
@@ -30,6 +41,7 @@ e = ((b * H + h) * Lq + i) * Lk + j is kept iff ``dropout_keep(seed, offset, e, 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -60,6 +72,22 @@ def not_supported_reasons(inputs: AttentionInputs, options: AttentionOptions) ->
     if inputs.device.type == "cuda" and torch.cuda.get_device_capability(inputs.device) < (8, 0):
         reasons.append("needs a GPU of compute capability 8.0 or newer (mma.sync f16/bf16 m16n8k16)")
     return reasons
+
+
+#: Forward kernels of kernels/attention/flash_api.cu.
+SM90_WGMMA = "sm90_wgmma"
+MMA_SYNC = "mma_sync"
+
+
+def forward_kernel(dropout_p: float, capability: tuple[int, int]) -> str:
+    """Which forward kernel serves a call (``fwd_uses_sm90`` in kernels/attention/flash_api.cu):
+    the wgmma kernel on a 9.x device without dropout (every head dim up to 256), unless
+    ``FASTATTN_DISABLE_SM90_FWD`` is set (and not "0"); the mma.sync kernel otherwise, also when
+    the extension was built without sm_90a code (the launcher then falls back)."""
+    disabled = os.environ.get("FASTATTN_DISABLE_SM90_FWD", "") not in ("", "0")
+    if capability[0] == 9 and dropout_p == 0.0 and not disabled:
+        return SM90_WGMMA
+    return MMA_SYNC
 
 
 def _dropout_args(options: AttentionOptions, rng: Optional[RngState]) -> tuple[float, int, int]:

@@ -74,26 +74,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __gri
   T* o_ptr = static_cast<T*>(params.out) + b * params.o_batch_stride + h * params.o_head_stride;
   float* lse_ptr = params.lse + (static_cast<int64_t>(b) * params.nheads + h) * Lq;  // (Lq,) of (B, H, Lq)
 
-  const int n_blocks = (Lk + BN - 1) / BN;
-  int n_end = n_blocks;
-  if (params.is_causal) {
-    const int last_key = min(m0 + BM, Lq) - 1 + params.causal_shift;  // last key the tile's last row sees
-    n_end = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
-  }
-
+  const int n_end = causal_key_blocks<BM, BN>(params, m0);
   if (n_end == 0) {
-    // No row of this tile sees a key: output 0, lse -inf.
-    constexpr int kChunksPerRow = D / 8;
-    for (int idx = tid; idx < BM * kChunksPerRow; idx += Tr::kNThreads) {
-      const int r = idx / kChunksPerRow;
-      const int c = (idx % kChunksPerRow) * 8;
-      if (m0 + r < Lq && c < params.head_dim) {
-        *reinterpret_cast<uint4*>(o_ptr + (m0 + r) * params.o_row_stride + c) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-    for (int r = tid; r < BM; r += Tr::kNThreads) {
-      if (m0 + r < Lq) lse_ptr[m0 + r] = -kInf;
-    }
+    store_empty_tile<BM, D, Tr::kNThreads>(params, o_ptr, lse_ptr, m0, tid);
     return;
   }
 

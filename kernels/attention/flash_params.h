@@ -95,10 +95,17 @@ cudaError_t run_flash_fwd_(const FlashFwdParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim, bool kIsDropout>
 cudaError_t run_flash_bwd_(const FlashBwdParams& params, cudaStream_t stream);
 
+// sm_90a wgmma forward (flash_fwd_sm90_kernel.cuh), head-dim buckets 64, 128, 256, no dropout.
+// Returns cudaErrorNoKernelImageForDevice without launching when the build has no sm_90a code.
+template <typename T, int kHeadDim>
+cudaError_t run_flash_fwd_sm90_(const FlashFwdParams& params, cudaStream_t stream);
+
 template <typename T>
 cudaError_t run_flash_bwd_preprocess_(const FlashBwdParams& params, cudaStream_t stream);
 
 // Entry points for the host glue: dispatch on dtype, head dim and dropout (flash_api.cu).
+// Forward: the sm_90a wgmma kernel when fwd_uses_sm90 holds, else the mma.sync kernel.
+bool fwd_uses_sm90(const FlashFwdParams& params);
 cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream);
 // Preprocess (delta = rowsum(dout * out)), then the dK/dV kernel, then (deterministic) dQ.
 cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream);

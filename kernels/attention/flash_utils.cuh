@@ -98,6 +98,33 @@ __device__ __forceinline__ void cp_async_tile(T* smem, const T* gmem, int64_t ro
   }
 }
 
+// Number of kBlockN key blocks the query tile starting at row m0 visits (all of them unless
+// causal; 0 when no row of the tile sees a key).
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ int causal_key_blocks(const FlashAttnParams& params, int m0) {
+  const int n_blocks = (params.seqlen_k + kBlockN - 1) / kBlockN;
+  if (!params.is_causal) return n_blocks;
+  const int last_key = min(m0 + kBlockM, params.seqlen_q) - 1 + params.causal_shift;  // seen by the last row
+  return last_key < 0 ? 0 : min(n_blocks, last_key / kBlockN + 1);
+}
+
+// Output of a query tile none of whose rows sees a key: 0, lse -inf.
+template <int kBlockM, int kHeadDim, int kNThreads, typename T>
+__device__ __forceinline__ void store_empty_tile(const FlashFwdParams& params, T* o_ptr, float* lse_ptr, int m0,
+                                                 int tid) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  for (int idx = tid; idx < kBlockM * kChunksPerRow; idx += kNThreads) {
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * 8;
+    if (m0 + r < params.seqlen_q && c < params.head_dim) {
+      *reinterpret_cast<uint4*>(o_ptr + (m0 + r) * params.o_row_stride + c) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  for (int r = tid; r < kBlockM; r += kNThreads) {
+    if (m0 + r < params.seqlen_q) lse_ptr[m0 + r] = -kInf;
+  }
+}
+
 // Which (query i, key j) pairs take part, and their score in the units of the raw dot
 // product: s (+ attn_mask / softmax_scale), or -inf. Keeping raw units lets every exp2 fold the
 // scale into one FFMA, exp2(s * scale * log2(e) - max'). Only the two per-(batch, head) base

@@ -5,8 +5,9 @@ to one configuration rebuilds one file.
     python kernels/attention/generate_instantiations.py            # rewrite instantiations/
     python kernels/attention/generate_instantiations.py --check    # exit 1 if out of date
 
-The "sm80" suffix names the code path (mma.sync, sm_80 and newer, sm_90 included); the archs
-themselves come from the build's -gencode flags. The backward preprocess kernel (no tensor
+The "sm80" suffix names the code path (mma.sync, sm_80 and newer, sm_90 included); "sm90" the
+wgmma forward (flash_fwd_sm90_kernel.cuh: a body only in sm_90a code, a trap elsewhere). The
+archs themselves come from the build's -gencode flags. The backward preprocess kernel (no tensor
 cores) is instantiated by hand in flash_bwd_preprocess.cu.
 """
 
@@ -33,6 +34,20 @@ template cudaError_t run_flash_{direction}_<{ctype}, {head_dim}, {dropout}>(cons
 }}  // namespace fastattn
 """
 
+SM90_HEAD_DIMS = (64, 128, 256)  # flash_fwd_sm90_kernel.cuh buckets (flash_api.cu fwd_uses_sm90)
+
+SM90_TEMPLATE = """{header}#include "../flash_fwd_sm90_launch_template.h"
+
+namespace fastattn {{
+namespace flash {{
+
+template cudaError_t run_flash_fwd_sm90_<{ctype}, {head_dim}>(const FlashFwdParams&, cudaStream_t);
+
+}}  // namespace flash
+}}  // namespace fastattn
+"""
+
+
 def expected_files() -> dict[str, str]:
     files = {}
     for dtype, ctype in DTYPES.items():
@@ -49,6 +64,9 @@ def expected_files() -> dict[str, str]:
                         head_dim=head_dim,
                         dropout="true" if dropout else "false",
                     )
+        for head_dim in SM90_HEAD_DIMS:
+            files[f"flash_fwd_hdim{head_dim}_{dtype}_sm90.cu"] = SM90_TEMPLATE.format(
+                header=HEADER, ctype=ctype, head_dim=head_dim)
     return files
 
 

@@ -1,7 +1,8 @@
 // CPU emulator entry points for the attention kernels (see flash_emu_ptx.h). Built by
 // tests/test_cuda_attention.py with
 //   g++ -std=c++17 -O2 -shared -fPIC -D_FORTIFY_SOURCE=0
-//       -DFASTATTN_FLASH_PTX_HEADER='"emulation/flash_emu_ptx.h"' -I<cuda include> flash_emu.cpp
+//       -DFASTATTN_FLASH_PTX_HEADER='"emulation/flash_emu_ptx.h"'
+//       -DFASTATTN_FLASH_PTX_SM90_HEADER='"emulation/flash_emu_ptx_sm90.h"' -I<cuda include> flash_emu.cpp
 // and called through ctypes with a params struct packed from emu_param_layout().
 #include <cstdio>
 #include <sstream>
@@ -9,6 +10,7 @@
 
 #include "../flash_bwd_kernel.cuh"
 #include "../flash_fwd_kernel.cuh"
+#include "../flash_fwd_sm90_kernel.cuh"
 #include "../flash_params.h"
 
 // -DFASTATTN_EMU_HEADDIM=<bucket> compiles a single head-dim bucket (a quicker build for
@@ -53,6 +55,12 @@ template <typename Tr>
 void emu_fwd(const FlashFwdParams& params, int mode) {
   emu_launch((params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, params.nheads, params.batch, Tr::kNThreads,
              Tr::kSmemBytes, mode, [&] { flash_fwd_kernel<Tr>(params); });
+}
+
+template <typename Tr>
+void emu_fwd_sm90(const FlashFwdParams& params, int mode) {
+  emu_launch((params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, params.nheads, params.batch, Tr::kNThreads,
+             Tr::kSmemBytes, mode, [&] { flash_fwd_sm90_kernel<Tr>(params); });
 }
 
 template <typename T, int kHeadDim, bool kIsDropout>
@@ -207,6 +215,17 @@ const char* emu_kernel_configs() {
         }
       }
     }
+    for (int dtype = 0; dtype < 2; ++dtype) {
+      HALF_SWITCH(dtype == 1, T, [&] {
+        using namespace fastattn::flash;
+        using Tr64 = FwdSm90TraitsFor<T, 64>;
+        using Tr128 = FwdSm90TraitsFor<T, 128>;
+        using Tr256 = FwdSm90TraitsFor<T, 256>;
+        add("fwd_sm90", 64, dtype == 1, false, Tr64::kNThreads, Tr64::kSmemBytes);
+        add("fwd_sm90", 128, dtype == 1, false, Tr128::kNThreads, Tr128::kSmemBytes);
+        add("fwd_sm90", 256, dtype == 1, false, Tr256::kNThreads, Tr256::kSmemBytes);
+      });
+    }
     text = o.str();
   }
   return text.c_str();
@@ -222,6 +241,27 @@ int emu_flash_fwd(const void* params_ptr, int mode, char* msg, int msg_len) {
           fastattn::flash::emu_fwd<fastattn::flash::FwdTraitsFor<T, kHeadDim, kIsDropout>>(params, mode);
         });
       });
+    });
+  } catch (const std::exception& err) {
+    return fastattn::flash::report(err, msg, msg_len);
+  }
+  return 0;
+}
+
+// The sm_90a wgmma forward (no dropout: the dispatcher's rule).
+int emu_flash_fwd_sm90(const void* params_ptr, int mode, char* msg, int msg_len) {
+  const FlashFwdParams& params = *static_cast<const FlashFwdParams*>(params_ptr);
+  try {
+    if (params.is_dropout) throw std::runtime_error("dropout is not served by the sm90 kernel");
+    HALF_SWITCH(params.dtype == fastattn::DType::kBFloat16, T, [&] {
+      using namespace fastattn::flash;
+      if (params.head_dim <= 64) {
+        emu_fwd_sm90<FwdSm90TraitsFor<T, 64>>(params, mode);
+      } else if (params.head_dim <= 128) {
+        emu_fwd_sm90<FwdSm90TraitsFor<T, 128>>(params, mode);
+      } else {
+        emu_fwd_sm90<FwdSm90TraitsFor<T, 256>>(params, mode);
+      }
     });
   } catch (const std::exception& err) {
     return fastattn::flash::report(err, msg, msg_len);

@@ -11,6 +11,9 @@
 // missing wait (stale data) and a missing barrier before a buffer is refilled. Shared memory
 // starts filled with 0xFF bytes (NaN in fp16 / bf16) so reads of never-written tiles show up.
 // Fragment layouts follow the PTX ISA (ldmatrix, mma.m16n8k16), independently of the kernels.
+// The runtime also carries what flash_emu_ptx_sm90.h needs: warpgroup collectives (4 warps,
+// released like warp collectives), per-thread wgmma groups, and per-16-byte-chunk tracking of
+// cp.async data not yet fenced for the async proxy.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,7 +43,7 @@ struct Dim3 {
   unsigned x, y, z;
 };
 
-enum class Wait { kNone, kWarp, kBlock };
+enum class Wait { kNone, kWarp, kWarpgroup, kBlock };
 
 enum class Schedule { kRoundRobin = 0, kLowestWarpFirst = 1, kHighestWarpFirst = 2 };
 
@@ -59,8 +62,15 @@ struct Fiber {
   Wait wait = Wait::kNone;
   int tid = 0;
   int parity = 0;                         // scratch slot set of the next warp collective
+  int group_parity = 0;                   // same for warpgroup collectives
   std::vector<Copy> open_group;           // cp.async issued, not yet committed
   std::vector<std::vector<Copy>> groups;  // committed, not yet retired
+  std::vector<uint32_t> unfenced;         // 16-byte chunks this thread's cp.async wrote (generic proxy)
+  // wgmma (flash_emu_ptx_sm90.h): indices into Warpgroup::ops
+  bool wgmma_fenced = false;               // wgmma.fence since the last wait_group
+  int wgmma_issued = 0;                    // mma_async issued by this thread so far
+  std::vector<int> wgmma_open;             // issued, not yet committed
+  std::vector<std::vector<int>> wgmma_groups;  // committed, not yet retired
 };
 
 // Operands one lane deposits for a warp collective.
@@ -75,12 +85,44 @@ struct WarpState {
   Slot slots[2][32];
 };
 
+// Operands one thread deposits for a warpgroup collective (wgmma).
+struct GroupSlot {
+  int op;
+  uint32_t a[4];
+  uint64_t desc_a, desc_b;
+  int scale_d;
+  float* d;
+};
+
+struct WarpgroupState;
+
+// One wgmma.mma_async of a warpgroup, executed when a wait_group retires it.
+struct WgmmaOp {
+  void (*execute)(WgmmaOp&, WarpgroupState&);  // the shape / dtype specific emulation
+  int op;
+  uint64_t desc_a, desc_b;
+  int scale_d;
+  bool done = false;
+  int chained = -1;                        // earlier op on the same accumulators, in flight at issue
+  uint32_t a[128][4];                      // register A operands (RS), captured at issue
+  float* d[128];                           // each thread's accumulator registers
+  std::vector<float> d_issue, d_out;       // accumulators at issue / after execution, 128 x n
+};
+
+struct WarpgroupState {
+  int arrived = 0;
+  GroupSlot slots[2][128];
+  std::vector<WgmmaOp> ops;
+};
+
 struct Cta {
   Dim3 block_idx{0, 0, 0};
   int n_threads = 0;
   std::vector<unsigned char> smem;
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
+  std::vector<WarpgroupState> warpgroups;
+  std::vector<unsigned char> async_stale;  // per 16-byte chunk: written by cp.async, not yet fenced for wgmma
   int block_arrived = 0;
   bool deferred_copies = false;
   Schedule schedule = Schedule::kRoundRobin;
@@ -115,6 +157,8 @@ inline int warp_id() { return g_current->tid / 32; }
 inline void perform(const Copy& c) {
   unsigned char* dst = g_cta->smem.data() + c.dst;
   if (c.dst + 16 > g_cta->smem.size() || c.dst % 16 != 0) fail("cp.async destination out of shared memory or misaligned");
+  g_cta->async_stale[c.dst / 16] = 1;
+  g_current->unfenced.push_back(c.dst / 16);
   if (c.valid) {
     if (reinterpret_cast<uintptr_t>(c.src) % 16 != 0) fail("cp.async source not 16-byte aligned");
     std::memcpy(dst, c.src, 16);
@@ -130,6 +174,12 @@ inline void run_block(Cta& cta) {
   // Fibers (and their stacks) are reused from block to block.
   cta.fibers.resize(cta.n_threads);
   cta.warps.assign((cta.n_threads + 31) / 32, WarpState());
+  cta.warpgroups.resize(static_cast<size_t>(cta.n_threads / 128));
+  for (WarpgroupState& wg : cta.warpgroups) {
+    wg.arrived = 0;
+    wg.ops.clear();
+  }
+  cta.async_stale.assign(cta.smem.size() / 16 + 1, 0);
   cta.block_arrived = 0;
   std::fill(cta.smem.begin(), cta.smem.end(), static_cast<unsigned char>(0xFF));
   constexpr size_t kStack = 256 * 1024;
@@ -140,8 +190,14 @@ inline void run_block(Cta& cta) {
     f.done = false;
     f.wait = Wait::kNone;
     f.parity = 0;
+    f.group_parity = 0;
     f.open_group.clear();
     f.groups.clear();
+    f.unfenced.clear();
+    f.wgmma_fenced = false;
+    f.wgmma_issued = 0;
+    f.wgmma_open.clear();
+    f.wgmma_groups.clear();
     f.stack.resize(kStack);
     getcontext(&f.start);
     f.start.uc_stack.ss_sp = f.stack.data();
@@ -207,7 +263,22 @@ inline void run_block(Cta& cta) {
         progressed = true;
       }
     }
-    if (!progressed) fail("deadlock: a warp collective or barrier was not reached by every thread");
+    for (size_t w = 0; w < cta.warpgroups.size(); ++w) {
+      WarpgroupState& wg = cta.warpgroups[w];
+      if (wg.arrived == 0) continue;
+      const int first_tid = static_cast<int>(w) * 128;
+      int lanes = 0;
+      for (int t = first_tid; t < first_tid + 128; ++t) lanes += cta.fibers[t].done ? 0 : 1;
+      if (wg.arrived == 128 && lanes == 128) {
+        for (int t = first_tid; t < first_tid + 128; ++t) cta.fibers[t].wait = Wait::kNone;
+        wg.arrived = 0;
+        progressed = true;
+      }
+    }
+    if (!progressed) fail("deadlock: a warp or warpgroup collective or barrier was not reached by every thread");
+  }
+  for (const Fiber& f : cta.fibers) {
+    if (!f.wgmma_open.empty() || !f.wgmma_groups.empty()) fail("the kernel exited with wgmma still in flight");
   }
   g_current = nullptr;
 }
@@ -225,6 +296,25 @@ inline Slot* warp_collective(const Slot& s) {
   Slot* all = ws.slots[par];
   for (int l = 0; l < 32; ++l) {
     if (all[l].op != s.op) fail("warp collective mismatch: lanes of one warp are at different operations");
+  }
+  return all;
+}
+
+// A thread enters a warpgroup collective (4 consecutive warps, 128 threads) with slot s;
+// returns the slots of the warpgroup.
+inline GroupSlot* warpgroup_collective(const GroupSlot& s) {
+  Fiber& f = *g_current;
+  if (f.tid / 128 >= static_cast<int>(g_cta->warpgroups.size())) fail("warpgroup collective in an incomplete warpgroup");
+  WarpgroupState& wg = g_cta->warpgroups[f.tid / 128];
+  const int par = f.group_parity;
+  f.group_parity ^= 1;
+  wg.slots[par][f.tid % 128] = s;
+  wg.arrived += 1;
+  f.wait = Wait::kWarpgroup;
+  yield_to_scheduler();
+  GroupSlot* all = wg.slots[par];
+  for (int t = 0; t < 128; ++t) {
+    if (all[t].op != s.op) fail("warpgroup collective mismatch: threads of one warpgroup are at different operations");
   }
   return all;
 }
