@@ -7,13 +7,16 @@
 //            dx = dz w1; dw1 = dz^T x; db2, db1 = column sums. Returns (dx, dw1, db1, dw2,
 //            db2), db1 / db2 = empty (0,) when b1 / b2 is None.
 // The public Python function has validated shapes and dtypes; the checks here guard direct
-// torch.ops callers.
+// torch.ops callers. Which engine runs each GEMM (CUTLASS sm_90a or the hand-written kernel) is
+// decided in kernels/ffn/ffn_dispatch.cu; FASTATTN_FFN_CUTLASS=0 in the environment (read per
+// call) keeps every GEMM on the hand-written kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -78,6 +81,11 @@ bool vec_ok(const Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.size(0) <= 1 || t.stride(0) % 8 == 0);
 }
 
+bool cutlass_allowed() {
+  const char* value = std::getenv("FASTATTN_FFN_CUTLASS");
+  return value == nullptr || std::string(value) != "0";
+}
+
 FfnGemmParams gemm_params(DType dtype, GemmKind kind, Activation act, int64_t M, int64_t N, int64_t K,
                           const Tensor& A, const Tensor& B) {
   FfnGemmParams p{};
@@ -92,6 +100,7 @@ FfnGemmParams gemm_params(DType dtype, GemmKind kind, Activation act, int64_t M,
   p.B = B.data_ptr();
   p.ldb = B.stride(0);
   p.vec_loads = vec_ok(A) && vec_ok(B);
+  p.allow_sm90 = cutlass_allowed();
   return p;
 }
 
@@ -195,6 +204,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
     z = at::empty({d.M, d.d_hidden}, x.options());
     FfnGemmParams pz = gemm_params(dtype, GemmKind::kBiasNT, Activation::kNone, d.M, d.d_hidden, d.d_model, x, w1);
     pz.bias = optional_ptr(b1);
+    // Same engine as the forward GEMM that produced z would have used: z is bitwise equal.
+    pz.allow_sm90 = pz.allow_sm90 && ffn::ffn_sm90_serves(GemmKind::kFwdAct, act, dropout_p > 0.0);
     pz.C = z.data_ptr();
     pz.ldc = d.d_hidden;
     run_gemm(pz, stream, "fastattn::ffn_bwd recompute GEMM (x @ w1^T + b1)");

@@ -2,15 +2,20 @@
 
 Without a GPU: the kernels compile with nvcc for sm_80 and sm_90 (a representative subset of
 the instantiations; ``fastattn build --check-cuda`` compiles all), without register spills and
-with tensor-core (HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) instructions in the SASS; the
-host glue compiles against the installed torch headers; the Python-side dropout formula
+with tensor-core (HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) instructions in the SASS; one
+CUTLASS sm_90a translation unit compiles without spills and with wgmma (HGMMA) in the SASS, and
+the CUTLASS files and the dispatcher still compile without the CUTLASS headers; the host glue
+compiles against the installed torch headers; the Python-side dropout formula
 matches Philox4x32-10's known answers; the backend declares what it cannot serve.
 
 With a GPU (requires_cuda): y and every gradient against the float64 reference for each
 activation, dtype, bias and odd shapes, tolerance of tests/helpers.py (kernel error <= 2 x
 plain PyTorch's error in the same dtype + atol); dropout with the kernel's own mask (read back
 through ffn_bwd and checked against the documented Philox formula); recompute; the unaligned
-(scalar-load) path; determinism; the public function; torch.library.opcheck.
+(scalar-load) path; determinism; the public function; torch.library.opcheck. On an sm_90 GPU
+with CUTLASS compiled in, the aligned cases run the CUTLASS kernels and the odd shapes the
+hand-written fallback; test_cutlass_and_hand_written_paths runs both on the same inputs
+(FASTATTN_FFN_CUTLASS=0 forces the hand-written kernel).
 """
 
 from __future__ import annotations
@@ -107,14 +112,20 @@ def test_instantiations_match_generator():
     expected = module.instantiations()
     on_disk = {p.name: p.read_text() for p in (FFN_KERNELS / "instantiations").glob("*.cu")}
     assert on_disk == expected, "run python kernels/ffn/generate_kernels.py"
-    # Every (dtype, kind, activation) the dispatcher can reach has a file.
-    assert len(expected) == 2 * (3 + 2 * len(ACTIVATIONS))
+    # Every (dtype, kind, activation) the dispatcher can reach has a file; the CUTLASS files hold
+    # the plain layouts and, per activation but swiglu, the forward and backward epilogues.
+    hand_written = [name for name in expected if name.startswith("ffn_gemm_")]
+    cutlass = [name for name in expected if name.startswith("ffn_sm90_")]
+    assert len(hand_written) == 2 * (3 + 2 * len(ACTIVATIONS))
+    assert len(cutlass) == 2 * (1 + len(ACTIVATIONS) - 1) and not any("swiglu" in n for n in cutlass)
+    assert len(expected) == len(hand_written) + len(cutlass)
 
 
 def test_kernels_compile_without_spills(compiled_ffn):
     for rel, (reports, _) in compiled_ffn.items():
         if rel == "ffn_dispatch.cu":
-            assert not reports, "the dispatcher holds no kernels"
+            kernels = {kernel for kernel, _ in reports}
+            assert all("_ffn_sm90a_probe_kernel" in k for k in kernels), f"the dispatcher holds {kernels}"
             continue
         archs = {arch for _, arch in reports}
         assert archs == set(ARCHS), f"{rel}: compiled for {sorted(archs)}"
@@ -144,6 +155,60 @@ def test_gemm_sass_uses_tensor_cores(compiled_ffn):
                 assert "HMMA.16816.F32.BF16" in text, f"{rel} sm_{arch}: bf16 mma missing"
             # --use_fast_math would turn tanhf into the 2^-11-accurate MUFU.TANH.
             assert "MUFU.TANH" not in text, f"{rel} sm_{arch}: approximate tanh"
+
+
+# The one CUTLASS file compiled here (about 2 minutes of one core): the gelu forward epilogue
+# (aux store of z) and the backward DAG (aux load of z, aux store of a_d); `fastattn build
+# --check-cuda` compiles all ten.
+CUTLASS_FILE = "instantiations/ffn_sm90_bf16_gelu.cu"
+
+
+def _without_cutlass(cmd: list[str]) -> list[str]:
+    from fastattn import _build
+
+    return [c for c in cmd if c not in _build.cutlass_nvcc_flags()]
+
+
+def test_cutlass_sm90_file_compiles_with_wgmma(tmp_path):
+    from fastattn import _build
+
+    if _nvcc() is None:
+        pytest.skip("nvcc is not on PATH")
+    if _build.cutlass_include_dir() is None:
+        pytest.skip("CUTLASS headers not found (pip install --no-deps nvidia-cutlass, or CUTLASS_PATH)")
+    obj = tmp_path / "sm90.o"
+    # sm_90a only: the sm_80 image of these files is CUTLASS's error stub, never run (the
+    # dispatcher checks for the sm_90a image); `fastattn build --check-cuda` builds both.
+    cmd = _build.nvcc_check_command(FFN_KERNELS / CUTLASS_FILE, obj, ("90a",))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"nvcc failed on {CUTLASS_FILE}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    reports = _build.parse_ptxas(proc.stdout + proc.stderr, CUTLASS_FILE)
+    assert len(reports) == 2 and {arch for _, arch in reports} == {"90a"}, sorted(reports)  # fwd, bwd
+    for (kernel, arch), r in reports.items():
+        assert not r.spills, f"{kernel} sm_{arch} spills: {r}"
+    cuobjdump = _build.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (triton's wheel ships one)")
+    sass = _sass_by_arch(obj, cuobjdump)
+    # 128 x 256 tile, two consumer warpgroups of 64 x 256: wgmma m64n256k16 on bf16.
+    assert "HGMMA.64x256x16.F32.BF16" in sass["90a"], "no wgmma in the sm_90a SASS"
+    assert "UTMALDG" in sass["90a"] and "UTMASTG" in sass["90a"], "no TMA loads/stores in the sm_90a SASS"
+    assert "MUFU.TANH" not in sass["90a"]
+
+
+@pytest.mark.parametrize("rel", [CUTLASS_FILE, "ffn_dispatch.cu"])
+def test_compiles_without_cutlass(tmp_path, rel):
+    """Without the headers the CUTLASS files are empty and the dispatcher has no CUTLASS path."""
+    from fastattn import _build
+
+    if _nvcc() is None:
+        pytest.skip("nvcc is not on PATH")
+    obj = tmp_path / "plain.o"
+    cmd = _without_cutlass(_build.nvcc_check_command(FFN_KERNELS / rel, obj, ("80",)))
+    assert "-DFASTATTN_HAVE_CUTLASS" not in cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"nvcc failed on {rel} without CUTLASS:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    assert not _build.parse_ptxas(proc.stdout + proc.stderr, rel), f"{rel} holds kernels without CUTLASS"
 
 
 def test_host_code_compiles(tmp_path):
@@ -468,11 +533,13 @@ def test_recompute_matches_saved_z(activation, dtype):
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_unaligned_operands_take_scalar_path(activation, dtype):
+def test_unaligned_operands_take_scalar_path(activation, dtype, monkeypatch):
     """Row strides that are not multiples of 8 and bases off 16-byte alignment use predicated
-    2-byte loads; they must give bitwise the results of the cp.async path."""
+    2-byte loads; they must give bitwise the results of the cp.async path (both hand-written:
+    on sm_90 the aligned operands would otherwise run the CUTLASS kernel)."""
     from fastattn.cuda import ffn as cffn
 
+    monkeypatch.setenv("FASTATTN_FFN_CUTLASS", "0")
     inputs = _make(50, 40, 48, 24, dtype, activation=activation)
     options = FeedForwardOptions(activation=activation)
 
@@ -492,6 +559,33 @@ def test_unaligned_operands_take_scalar_path(activation, dtype):
     g_odd = cffn.backward(dy, z_odd, odd, options, None)
     for name in GRAD_NAMES:
         assert torch.equal(getattr(g, name), getattr(g_odd, name)), name
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cutlass_and_hand_written_paths(activation, dtype, monkeypatch):
+    """Aligned operands (the CUTLASS kernels on sm_90 when compiled in; swiglu's first GEMMs and
+    every other GPU: hand-written) and the same inputs with FASTATTN_FFN_CUTLASS=0 (hand-written
+    everywhere): both against the float64 reference, with a saved and a recomputed z, and a
+    misaligned copy of the operands, which must fall back, against the reference too."""
+    inputs = _make(300, 256, 512, 136, dtype, activation=activation)
+    for recompute in (False, True):
+        options = FeedForwardOptions(activation=activation, recompute=recompute)
+        _check(inputs, options, None, None)
+        with monkeypatch.context() as env:
+            env.setenv("FASTATTN_FFN_CUTLASS", "0")
+            _check(inputs, options, None, None)
+    # Bases 2 bytes past a 16-byte boundary: TMA cannot load them, the dispatcher falls back.
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    odd = FeedForwardInputs(shifted(inputs.x), shifted(inputs.w1), inputs.b1, shifted(inputs.w2), inputs.b2)
+    assert odd.x.data_ptr() % 16 != 0
+    _check(odd, FeedForwardOptions(activation=activation), None, None)
 
 
 @requires_cuda

@@ -11,6 +11,14 @@ one tensor-core GEMM template (kernels/ffn/ffn_gemm_kernel.cuh: mma.sync m16n8k1
   the dropped activation a_d; then dw2 = dy^T a_d, dx = dz w1, dw1 = dz^T x, and db1 / db2 by
   a deterministic two-pass column sum. With ``recompute`` a plain biased GEMM rebuilds z first.
 
+On an H100/H200 (sm_90) with the CUTLASS headers present at build time (``FASTATTN_HAVE_CUTLASS``),
+the plain GEMMs and the relu / gelu / gelu_tanh / silu epilogues without dropout run CUTLASS 3.x
+TMA + wgmma kernels whose epilogue visitor trees compute the same fp32 formulas
+(kernels/ffn/ffn_sm90_launch_template.h); dropout, swiglu, operands TMA cannot describe
+(bases off 16 bytes, strides or contiguous sizes off 8 elements) and every other GPU use the
+hand-written kernel. ``FASTATTN_FFN_CUTLASS=0`` forces the hand-written kernel everywhere
+(docs/cuda_ffn.md).
+
 Dropout keep mask of the (M, F) activation: element (row, col) is kept iff
 ``dropout_keep(seed, offset, row * F + col, threshold(p))`` of kernels/common/philox.cuh, a pure
 function of (seed, offset, row, col) and F.
@@ -30,8 +38,8 @@ import torch
 from fastattn.backends.capabilities import HALF_DTYPES, FeedForwardCapabilities
 from fastattn.options import FeedForwardGrads, FeedForwardInputs, FeedForwardOptions, RngState
 
-# float32 is not served: the kernels are fp16/bf16 tensor-core GEMMs (mma.sync m16n8k16); the
-# triton backend serves float32.
+# float32 is not served: the kernels are fp16/bf16 tensor-core GEMMs (mma.sync m16n8k16, and
+# wgmma on sm_90); the triton backend serves float32.
 CAPABILITIES = FeedForwardCapabilities(dtypes=HALF_DTYPES)
 
 # Kernel sizes are int32 with room for tile arithmetic (kMaxDim in kernels/ffn/ffn_params.h).

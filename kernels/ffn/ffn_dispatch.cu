@@ -1,9 +1,21 @@
-// Runtime (dtype, kind, activation) -> the matching instantiation of run_ffn_gemm_.
+// Runtime (dtype, kind, activation) -> the matching instantiation: the CUTLASS sm_90a kernel
+// (run_ffn_gemm_sm90_) when all of these hold, else the hand-written one (run_ffn_gemm_):
+//   - built with FASTATTN_HAVE_CUTLASS and the caller set allow_sm90;
+//   - the current device runs this library's sm_90a image (an sm_80/sm_90 or PTX-JIT image
+//     would run CUTLASS's sm90 kernels as empty stubs);
+//   - ffn_sm90_serves(): plain GEMMs, and relu / gelu / gelu_tanh / silu epilogues without
+//     dropout (dropout and swiglu stay hand-written, see ffn_params.h);
+//   - TMA-describable operands: 16-byte aligned bases (bias too), row strides and contiguous
+//     extents multiples of 8 elements (the last two checked by CUTLASS's can_implement), K > 0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
+#include <cstdint>
+
 #include "../common/philox.cuh"
 #include "ffn_params.h"
+#include "ffn_sm90.h"
 
 namespace fastattn {
 namespace ffn {
@@ -45,6 +57,101 @@ cudaError_t dispatch_kind(const FfnGemmParams& params, cudaStream_t stream) {
   }
 }
 
+#ifdef FASTATTN_HAVE_CUTLASS
+// Static shared memory exists only in this kernel's sm_90a image, so its attributes tell,
+// without a launch (capture-safe), which image the driver picked for the current device.
+__global__ void _ffn_sm90a_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ int mark[32];
+  mark[threadIdx.x % 32] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = mark[(threadIdx.x + 1) % 32];
+#endif
+}
+
+constexpr int kMaxDevices = 64;
+
+bool device_runs_sm90a() {
+  static std::atomic<int8_t> known[kMaxDevices];  // 0 unknown, 1 yes, -1 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    cudaGetLastError();
+    return false;
+  }
+  int8_t state = known[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    cudaFuncAttributes attr{};
+    const bool yes = cudaFuncGetAttributes(&attr, _ffn_sm90a_probe_kernel) == cudaSuccess && attr.sharedSizeBytes > 0;
+    cudaGetLastError();  // a device without a loadable image is an answer, not an error
+    state = yes ? 1 : -1;
+    known[device].store(state, std::memory_order_relaxed);
+  }
+  return state > 0;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+bool sm90_operands_ok(const FfnGemmParams& p) {
+  const bool fwd = p.kind == GemmKind::kFwdAct, bwd = p.kind == GemmKind::kBwdAct;
+  const void* out = fwd ? p.act_out : p.C;
+  const int64_t ld_out = fwd ? p.ld_act : p.ldc;
+  bool ok = p.K > 0 && aligned16(p.A) && aligned16(p.B) && aligned16(out) && aligned16(p.bias) && p.lda % 8 == 0 &&
+            p.ldb % 8 == 0 && ld_out % 8 == 0;
+  if (fwd || bwd) ok = ok && aligned16(p.Z) && p.ldz % 8 == 0;
+  if (bwd) ok = ok && p.Z != nullptr && aligned16(p.act_out) && p.ld_act % 8 == 0;
+  return ok;
+}
+
+template <typename T, GemmKind kKind>
+cudaError_t sm90_activation(const FfnGemmParams& params, cudaStream_t stream, bool& launched) {
+  switch (params.act) {
+    case Activation::kRelu:
+      return sm90::run_ffn_gemm_sm90_<T, kKind, Activation::kRelu>(params, stream, launched);
+    case Activation::kGelu:
+      return sm90::run_ffn_gemm_sm90_<T, kKind, Activation::kGelu>(params, stream, launched);
+    case Activation::kGeluTanh:
+      return sm90::run_ffn_gemm_sm90_<T, kKind, Activation::kGeluTanh>(params, stream, launched);
+    case Activation::kSilu:
+      return sm90::run_ffn_gemm_sm90_<T, kKind, Activation::kSilu>(params, stream, launched);
+    default:
+      launched = false;
+      return cudaSuccess;
+  }
+}
+
+template <typename T>
+cudaError_t sm90_kind(const FfnGemmParams& params, cudaStream_t stream, bool& launched) {
+  switch (params.kind) {
+    case GemmKind::kBiasNT:
+      return sm90::run_ffn_gemm_sm90_<T, GemmKind::kBiasNT, Activation::kNone>(params, stream, launched);
+    case GemmKind::kBiasNN:
+      return sm90::run_ffn_gemm_sm90_<T, GemmKind::kBiasNN, Activation::kNone>(params, stream, launched);
+    case GemmKind::kBiasTN:
+      return sm90::run_ffn_gemm_sm90_<T, GemmKind::kBiasTN, Activation::kNone>(params, stream, launched);
+    case GemmKind::kFwdAct:
+      return sm90_activation<T, GemmKind::kFwdAct>(params, stream, launched);
+    case GemmKind::kBwdAct:
+      return sm90_activation<T, GemmKind::kBwdAct>(params, stream, launched);
+    default:
+      launched = false;
+      return cudaSuccess;
+  }
+}
+
+// Runs the CUTLASS kernel when it serves params (launched = true), else leaves the GEMM to
+// the hand-written kernel.
+cudaError_t try_sm90(const FfnGemmParams& params, cudaStream_t stream, bool& launched) {
+  launched = false;
+  if (!params.allow_sm90 || !ffn_sm90_serves(params.kind, params.act, params.has_dropout) ||
+      !sm90_operands_ok(params) || !device_runs_sm90a()) {
+    return cudaSuccess;
+  }
+  if (params.dtype == DType::kFloat16) return sm90_kind<__half>(params, stream, launched);
+  if (params.dtype == DType::kBFloat16) return sm90_kind<__nv_bfloat16>(params, stream, launched);
+  return cudaSuccess;
+}
+#endif  // FASTATTN_HAVE_CUTLASS
+
 }  // namespace
 
 cudaError_t run_ffn_gemm(const FfnGemmParams& host_params, cudaStream_t stream) {
@@ -54,6 +161,11 @@ cudaError_t run_ffn_gemm(const FfnGemmParams& host_params, cudaStream_t stream) 
   params.has_dropout = params.dropout_p > 0.f;
   params.dropout_threshold = dropout_threshold(params.dropout_p);
   params.dropout_scale = 1.f / (1.f - params.dropout_p);
+#ifdef FASTATTN_HAVE_CUTLASS
+  bool launched = false;
+  const cudaError_t sm90_status = try_sm90(params, stream, launched);
+  if (launched || sm90_status != cudaSuccess) return sm90_status;
+#endif
   switch (params.dtype) {
     case DType::kFloat16:
       return dispatch_kind<__half>(params, stream);

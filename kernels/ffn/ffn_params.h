@@ -15,6 +15,10 @@
 // For swiglu (w1 rows [gate; up], F = d_ff) kFwdAct computes the gate and up tiles of the same
 // columns in one CTA (two accumulators) and writes a = silu(gate) * up; kBwdAct writes both
 // halves of dz. N is then F and the up half sits F rows (w1, b1) or F columns (z, dz) further.
+//
+// On an sm_90 device, with CUTLASS compiled in (FASTATTN_HAVE_CUTLASS), run_ffn_gemm sends the
+// GEMMs ffn_sm90_serves() accepts, with TMA-compatible operands, to the CUTLASS TMA + wgmma
+// kernels of ffn_sm90_launch_template.h; everything else runs the hand-written kernel.
 #pragma once
 
 #include <cstdint>
@@ -66,7 +70,18 @@ struct FfnGemmParams {
   // Every operand base is 16-byte aligned and every leading dimension a multiple of 8
   // elements: tiles are fetched with 16-byte cp.async; otherwise with predicated 2-byte loads.
   bool vec_loads;
+  // The caller allows the sm_90a CUTLASS kernel (csrc: unless FASTATTN_FFN_CUTLASS=0, and for
+  // the z recompute only when the forward GEMM would have used it too, so z is bitwise equal).
+  bool allow_sm90;
 };
+
+// Epilogues the CUTLASS path computes: every plain GEMM, and act / act' of relu, gelu,
+// gelu_tanh and silu without dropout. Dropout (a Philox draw per element) and swiglu (gate and
+// up accumulators in one tile) have no epilogue visitor there and stay on the hand-written kernel.
+inline bool ffn_sm90_serves(GemmKind kind, Activation act, bool has_dropout) {
+  if (kind != GemmKind::kFwdAct && kind != GemmKind::kBwdAct) return true;
+  return !has_dropout && act != Activation::kSwiglu;
+}
 
 // Column sums out[n] = sum_m X[m, n] (dbias), deterministic: fp32 partial sums over fixed row
 // chunks into `partial`, then one thread per column adds the chunks in order (no atomics).
