@@ -292,6 +292,27 @@ def test_model_suite_runs_fused_and_naive():
     assert all(r.check_error < 1e-4 and r.throughput > 0 for r in rows)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_ffn_gemms_only_bound_is_checked_against_its_own_reference(activation):
+    """The cuBLAS bound computes a different function than the FFN: it passes the gate against
+    its own float64 reference, and a bound that computed something else would fail it."""
+    suite = ffn.SUITE
+    bound = next(p for p in suite.providers("smoke") if p.name == "torch-gemms-only")
+    off_by_bias = dataclasses.replace(
+        bound, name="bound+bias",
+        build=lambda case, problem: Workload(lambda: bound.build(case, problem).fn() + problem.inputs[4], problem.differentiable),
+    )
+    ctx = RunContext(device=CPU, device_name="cpu", timer=TimerSettings(cpu_min_time_s=0.0, cpu_min_reps=3, cpu_max_reps=3))
+    case = dataclasses.replace(suite.cases("smoke", CPU)[0], activation=activation, dtype=torch.float32)
+    rows = run_suite(suite, [case], [bound, off_by_bias], ctx)
+    by_name = {(r.provider, r.mode): r for r in rows}
+    for mode in case.modes:
+        ok = by_name[("torch-gemms-only", mode)]
+        assert ok.status == OK and ok.check_error < 1e-5 and ok.throughput > 0, ok
+        bad = by_name[("bound+bias", mode)]
+        assert bad.status == FAILED and bad.median_ms is None and "mismatch: y" in bad.reason, bad
+
+
 # --------------------------------------------------------------------------------------------
 # gpu_validate.sh: the dry run exercises the stages, limits, bundling and the summary on CPU
 # --------------------------------------------------------------------------------------------

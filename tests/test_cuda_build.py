@@ -102,7 +102,12 @@ def test_norm_kernels_are_all_built(kernel_reports):
 
 
 TC_FILES = [f for f in CHECKED_FILES if f.relative_to(_build.KERNELS_DIR).parts[0] in TENSOR_CORE_OPS
-            and "instantiations" in f.parts and f != SM90_ATTENTION_FILE]
+            and "instantiations" in f.parts]
+
+
+def _hopper_only(source: Path) -> bool:
+    """wgmma / CUTLASS sm_90 files: their sm_80 image is a stub that is never launched."""
+    return source.stem.endswith("_sm90") or source.stem.startswith("ffn_sm90_")
 
 
 @requires_nvcc
@@ -112,6 +117,8 @@ def test_attention_and_ffn_sass_uses_tensor_cores(kernel_reports, source):
     report = kernel_reports[_rel(source)]
     assert report.ok
     for arch in ARCHS:
+        if arch == "80" and _hopper_only(source):
+            continue
         kernels = [k for k in report.kernels if k.arch == arch]
         assert any(k.tensor_cores for k in kernels), f"{report.file} sm_{arch}: no HMMA/HGMMA in {kernels}"
 

@@ -3,7 +3,9 @@
 Providers: every fastattn backend (``feed_forward(..., backend=name)``); naive PyTorch
 (Linear-act-Linear, the baseline); ``torch.compile`` of it; Liger-Kernel's fused SwiGLU
 activation between two torch GEMMs when installed (swiglu cases only: Liger has no plain
-GELU/ReLU MLP).
+GELU/ReLU MLP); and ``torch-gemms-only``, the bound the CUDA FFN's target is stated against
+("within 5% of cuBLAS GEMM time"): the same two GEMMs through torch (cuBLAS on a GPU) with no
+bias, activation or dropout, checked against its own float64 reference.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fastattn.bench.common import (
     reference_grads,
     to_reference,
 )
-from fastattn.bench.harness import MODES, NAIVE, PEER, Problem, Provider, Workload, needs_cuda, optional_module
+from fastattn.bench.harness import MODES, NAIVE, PEER, TORCH, Problem, Provider, Workload, needs_cuda, optional_module
 from fastattn.bench.runner import Suite
 
 
@@ -174,12 +176,33 @@ def _liger(case: FeedForwardCase, problem: Problem) -> Workload:
     return Workload(fn, problem.differentiable)
 
 
+def gemms_only(x, w1, w2, d_ff: int) -> torch.Tensor:
+    """The FFN's two GEMMs alone: ``(x @ w1.T)[:, :d_ff] @ w2.T`` (for swiglu the first d_ff
+    columns stand in for the activation's output, so both GEMMs keep the FFN's shapes)."""
+    return (x @ w1.T)[:, :d_ff] @ w2.T
+
+
+def _gemms_only_problem(case: FeedForwardCase, problem: Problem) -> Problem:
+    x, w1, _, w2, _ = problem.inputs
+    ref = [to_reference(t) for t in (x, w1, w2)]
+    y64 = gemms_only(*ref, case.d_ff)
+    grads = reference_grads((y64,), ref, problem.grad_out)
+    # b1 and b2 are not used: their gradients are not compared.
+    return dataclasses.replace(problem, expected_out=(y64.detach(),), expected_grads=(grads[0], grads[1], None, grads[2], None))
+
+
+def _gemms_only(case: FeedForwardCase, problem: Problem) -> Workload:
+    x, w1, _, w2, _ = problem.inputs
+    return Workload(lambda: gemms_only(x, w1, w2, case.d_ff), problem.differentiable)
+
+
 def providers(preset: str) -> list[Provider]:
     return [
         *fastattn_providers("ffn", _fastattn),
         Provider(name="naive", family=NAIVE, build=_naive),
         compile_provider("naive+compile", functools.partial(_naive, compile_it=True)),
         Provider(name="liger-kernel", family=PEER, build=_liger, availability=_liger_availability, supports=_liger_supports),
+        Provider(name="torch-gemms-only", family=TORCH, build=_gemms_only, own_problem=_gemms_only_problem),
     ]
 
 

@@ -118,6 +118,9 @@ class Provider:
                   None; such providers are listed once, not once per case.
     supports:     per-case reason it cannot serve this case, or None.
     skip_modes:   modes it cannot be timed in, with the reason.
+    own_problem:  for a bound that computes a different function than the op (e.g. its GEMMs
+                  alone): ``(case, problem) -> Problem`` with the same inputs and that
+                  function's own float64 reference, so it is still checked before it is timed.
     """
 
     name: str
@@ -126,6 +129,7 @@ class Provider:
     availability: Callable[[torch.device], Optional[str]] = _always_available
     supports: Callable[[Any], Optional[str]] = _supports_all
     skip_modes: dict = dataclasses.field(default_factory=dict)
+    own_problem: Optional[Callable[[Any, Problem], Problem]] = None
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         return self.availability(device)

@@ -147,6 +147,8 @@ def run_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            if provider.own_problem is not None:
+                problem = provider.own_problem(case, problem)
             workload = provider.build(case, problem)
             check = verify(problem, workload, bool(backward_modes), tolerance)
             for mode, row in rows.items():
