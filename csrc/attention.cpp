@@ -241,6 +241,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.dv_row_stride = dv.stride(1);
   p.dv_head_stride = dv.stride(2);
   p.deterministic = deterministic;
+  // MQA / GQA grids smaller than the device: the group's query heads split over dK/dV CTAs,
+  // each writing an fp32 partial (every element, so not zeroed) that the reduction sums.
+  p.num_sms = flash::device_sm_count();
+  p.num_splits = flash::bwd_num_splits(p);
+  at::Tensor dkv_accum;
+  if (p.num_splits > 1) {
+    dkv_accum = at::empty({2, p.num_splits, batch, seqlen_k, nheads_kv, padded_dim}, f32);
+    p.dk_accum = dkv_accum[0].data_ptr<float>();
+    p.dv_accum = dkv_accum[1].data_ptr<float>();
+  }
   check_cuda_status(flash::run_flash_bwd(p, c10::cuda::getCurrentCUDAStream()), "attention_bwd");
   if (!deterministic) dq = dq_accum.mul_(softmax_scale).to(q.scalar_type());  // casting point of dQ
   return {unpad(dq, head_dim), unpad(dk, head_dim), unpad(dv, head_dim)};

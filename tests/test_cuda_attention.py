@@ -177,6 +177,8 @@ class Emulator:
         for fn in (self.lib.emu_flash_fwd, self.lib.emu_flash_fwd_sm90, self.lib.emu_flash_bwd):
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
             fn.restype = ctypes.c_int
+        self.lib.emu_bwd_num_splits.argtypes = [ctypes.c_void_p]
+        self.lib.emu_bwd_num_splits.restype = ctypes.c_int
         self.layout = {}
         for section in self.lib.emu_param_layout().decode().split("|"):
             head, body = section.split(";", 1)
@@ -187,6 +189,10 @@ class Emulator:
                 fields[field] = (int(offset), fmt)
             self.layout[name] = (int(size), fields)
         self.mode = 0
+        # The device's SM count as the host passes it (FlashBwdParams::num_sms): 1 keeps the
+        # dK/dV kernel unsplit, a GPU-like count lets bwd_num_splits split MQA / GQA groups.
+        self.num_sms = 1
+        self.last_num_splits = None
 
     def kernel_configs(self) -> dict[str, tuple[int, int]]:
         configs = {}
@@ -196,14 +202,17 @@ class Emulator:
             configs[name] = (int(threads), int(smem))
         return configs
 
-    def _call(self, fn, kind: str, values: dict) -> None:
+    def _pack(self, kind: str, values: dict):
         size, fields = self.layout[kind]
         assert set(fields) == set(values), set(fields) ^ set(values)
         buf = bytearray(size)
         for name, value in values.items():
             offset, fmt = fields[name]
             struct.pack_into("<" + ("Q" if fmt == "P" else fmt), buf, offset, value)
-        params = ctypes.create_string_buffer(bytes(buf), size)
+        return ctypes.create_string_buffer(bytes(buf), size)
+
+    def _call(self, fn, kind: str, values: dict) -> None:
+        params = self._pack(kind, values)
         msg = ctypes.create_string_buffer(4096)
         if fn(ctypes.cast(params, ctypes.c_void_p), self.mode, msg, 4096) != 0:
             raise AssertionError(f"emulated kernel failed: {msg.value.decode()}")
@@ -273,11 +282,18 @@ class Emulator:
         values.update(
             out=out.data_ptr(), dout=dout_k.data_ptr(), lse=lse.data_ptr(), delta=delta.data_ptr(),
             dq_accum=dq_accum.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
-            deterministic=options.deterministic,
+            deterministic=options.deterministic, num_sms=self.num_sms, num_splits=1, dk_accum=0, dv_accum=0,
         )
         for name, t in (("o", out), ("do", dout_k), ("dq", dq), ("dk", dk), ("dv", dv)):
             values.update({f"{name}_batch_stride": t.stride(0), f"{name}_row_stride": t.stride(1),
                            f"{name}_head_stride": t.stride(2)})
+        # As csrc/attention.cpp: the split count from bwd_num_splits, the partials' workspace
+        # only when splitting (NaN here: an element no split CTA writes would show).
+        splits = self.lib.emu_bwd_num_splits(ctypes.cast(self._pack("bwd", values), ctypes.c_void_p))
+        self.last_num_splits = splits
+        if splits > 1:
+            dkv_accum = torch.full((2, splits, *k.shape), float("nan"))
+            values.update(num_splits=splits, dk_accum=dkv_accum[0].data_ptr(), dv_accum=dkv_accum[1].data_ptr())
         self._call(self.lib.emu_flash_bwd, "bwd", values)
         if not options.deterministic:
             dq = (dq_accum * options.softmax_scale).to(q.dtype)
@@ -327,6 +343,71 @@ def test_emulated_deterministic_matches_atomic_dq(emulator):
     assert torch.equal(grads[1], grads_det[1]) and torch.equal(grads[2], grads_det[2]), "dK/dV share one kernel"
     err = (grads[0].float() - grads_det[0].float()).abs().max().item()
     assert err <= 2e-3 * max(1.0, grads_det[0].float().abs().max().item()), f"dq paths differ by {err}"
+
+
+# dK/dV with the query heads of a GQA group split over CTAs (fp32 partials + reduction): the
+# emulated SM count makes bwd_num_splits pick the expected split count. Uneven splits (5 heads
+# in 3, 7 in 4), dead rows, dropout, masks, both dQ paths.
+SPLIT_CASES = [
+    (Case(heads=8, heads_kv=1, seqlen_q=77, seqlen_k=141), 132, 8),
+    (Case(heads=5, heads_kv=1, seqlen_q=45, seqlen_k=99, causal=True, dropout_p=0.25, deterministic=True,
+          dtype=torch.bfloat16), 3, 3),
+    (Case(batch=2, heads=4, heads_kv=2, seqlen_q=33, seqlen_k=70, head_dim=192, kpm=True, dropout_p=0.125), 132, 2),
+    (Case(heads=7, heads_kv=1, seqlen_q=90, seqlen_k=61, causal=True, mask="float", head_dim=128,
+          dtype=torch.bfloat16, deterministic=True), 4, 4),
+]
+
+
+@pytest.mark.parametrize("index", range(len(SPLIT_CASES)), ids=[str(c) for c, _, _ in SPLIT_CASES])
+def test_emulated_split_dkdv_matches_reference(emulator, index):
+    case, num_sms, splits = SPLIT_CASES[index]
+    inputs, options, rng = make_inputs(case, "cpu")
+    emulator.num_sms = num_sms
+    try:
+        check_case(_emulated(emulator, (index + 3) % 6), inputs, options, rng, expect_dead_rows=_has_dead_rows(case))
+        assert emulator.last_num_splits == splits
+    finally:
+        emulator.num_sms = 1
+
+
+def test_emulated_split_agrees_with_unsplit_and_is_reproducible(emulator):
+    case = Case(heads=8, heads_kv=2, seqlen_q=70, seqlen_k=90, dropout_p=0.25, deterministic=True)
+    inputs, options, rng = make_inputs(case, "cpu")
+    dout = torch.randn(inputs.q.shape, dtype=inputs.dtype)
+    results = {}
+    try:
+        for num_sms, mode in ((1, 0), (132, 0), (132, 5)):
+            emulator.num_sms = num_sms
+            results[num_sms, mode] = _emulated(emulator, mode)(inputs, options, rng, dout)
+            assert emulator.last_num_splits == (1 if num_sms == 1 else 4)
+    finally:
+        emulator.num_sms = 1
+    (out, _, unsplit), (_, _, split), (_, _, split_again) = results.values()
+    assert all(torch.equal(a, b) for a, b in zip(split, split_again)), "fixed split count and summation order"
+    assert torch.equal(unsplit[0], split[0]), "the deterministic dQ kernel does not depend on the split"
+    for name, a, b in zip(("dk", "dv"), unsplit[1:], split[1:]):
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 2e-3 * max(1.0, a.float().abs().max().item()), f"{name}: split and unsplit differ by {err}"
+
+
+def test_bwd_num_splits_policy(emulator):
+    """bwd_num_splits (flash_params.h), the rule csrc/attention.cpp applies: fewest waves x heads
+    per CTA, 1 when the base grid fills the device or there is nothing to split."""
+    _, fields = emulator.layout["bwd"]
+
+    def splits(batch, heads, heads_kv, seqlen_k, head_dim, num_sms=132):
+        values = dict.fromkeys(fields, 0)
+        values.update(batch=batch, nheads=heads, nheads_kv=heads_kv, seqlen_q=seqlen_k, seqlen_k=seqlen_k,
+                      head_dim=head_dim, num_sms=num_sms, num_splits=1)
+        return emulator.lib.emu_bwd_num_splits(ctypes.cast(emulator._pack("bwd", values), ctypes.c_void_p))
+
+    assert splits(1, 8, 1, 4096, 128) == 4  # 32 CTAs -> 128, 2 query heads each
+    assert splits(1, 32, 4, 1024, 64) == 4
+    assert splits(1, 8, 1, 4096, 256) == 2  # 64-key blocks: 64 CTAs -> 128
+    assert splits(1, 8, 1, 100, 64, num_sms=1000) == 8  # one head per CTA
+    assert splits(8, 32, 8, 4096, 128) == 1  # 2048 CTAs fill the device
+    assert splits(1, 4, 4, 128, 64) == 1  # MHA: group of 1
+    assert splits(1, 8, 1, 4096, 128, num_sms=0) == 1  # SM count unknown
 
 
 def test_emulator_rejects_a_missing_barrier(emulator, tmp_path):

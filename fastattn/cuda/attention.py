@@ -20,7 +20,9 @@ Both forward kernels return the same out and fp32 lse, so the backward does not 
   rows, so the online softmax (exp2, scale folded with log2 e) runs in the accumulator
   registers and P is reused in registers as the A operand of P V. Returns out and the fp32 lse.
 - backward: delta = rowsum(dO * O); a dK/dV kernel per key block that loops over the query
-  heads of its GQA group and the query blocks (dK, dV in fp32 registers); dQ either
+  heads of its GQA group and the query blocks (dK, dV in fp32 registers; when that grid is
+  smaller than the GPU, e.g. MQA with a small batch, the group's heads are split over several
+  CTAs whose fp32 partials a reduction sums in a fixed order); dQ either
   accumulated with fp32 atomics from the same kernel (default) or, ``deterministic``, by a
   separate kernel that loops over key blocks (bitwise reproducible).
 - head dims 1..256 served by buckets 32, 64, 96, 128, 192, 256 (columns past the real head dim

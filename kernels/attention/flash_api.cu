@@ -12,20 +12,25 @@ namespace flash {
 
 namespace {
 
-// Compute capability major of the current device (cached per device).
-int device_major() {
-  static int majors[64] = {};
+// An attribute of the current device (cached per device); 0 when it cannot be read.
+template <cudaDeviceAttr kAttr>
+int device_attribute() {
+  static int values[64] = {};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
-  if (majors[device] == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 0;
-    majors[device] = major;
+  if (values[device] == 0) {
+    int value = 0;
+    if (cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess) return 0;
+    values[device] = value;
   }
-  return majors[device];
+  return values[device];
 }
 
+int device_major() { return device_attribute<cudaDevAttrComputeCapabilityMajor>(); }
+
 }  // namespace
+
+int device_sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
 // The forward kernel rule: the sm_90a wgmma kernel serves a 9.x device without dropout
 // (head-dim buckets 64 / 128 / 256), unless FASTATTN_DISABLE_SM90_FWD=1 (A/B measurements);
@@ -59,13 +64,19 @@ cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
 cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   if (params.head_dim <= 0 || params.head_dim > 256 || params.head_dim % 8 != 0) return cudaErrorInvalidValue;
   if (params.dtype != DType::kFloat16 && params.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
+  const bool split = params.num_splits > 1;
+  if (params.num_splits < 1 || params.num_splits > params.nheads / params.nheads_kv ||
+      (split && (params.dk_accum == nullptr || params.dv_accum == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
   return HALF_SWITCH(params.dtype == DType::kBFloat16, T, [&] {
     FASTATTN_CUDA_TRY(run_flash_bwd_preprocess_<T>(params, stream));
-    return HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+    FASTATTN_CUDA_TRY((HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
       return BOOL_SWITCH(params.is_dropout, kIsDropout, [&] {
         return run_flash_bwd_<T, kHeadDim, kIsDropout>(params, stream);
       });
-    });
+    })));
+    return split ? run_flash_bwd_reduce_dkdv_<T>(params, stream) : cudaSuccess;
   });
 }
 

@@ -1,8 +1,9 @@
 // FlashAttention-2 backward kernels on mma.sync m16n8k16 tensor cores (sm_80+).
 //
 //   1. flash_bwd_preprocess_kernel: delta = rowsum(dO * O) (fp32, (B, H, Lq)).
-//   2. flash_bwd_dkdv_kernel: one CTA per (key block, batch, kv head); loops over the query
-//      heads of its GQA group and over the query blocks, with dK and dV in fp32 registers:
+//   2. flash_bwd_dkdv_kernel: one CTA per (key block, batch, kv head, split); loops over the
+//      query heads of its GQA group (its contiguous share of them when num_splits > 1) and over
+//      the query blocks, with dK and dV in fp32 registers:
 //        S^T = K Q^T, dP^T = V dO^T (fp32) -> P^T = exp2(S^T scale log2(e) - lse log2(e)),
 //        dS^T = P^T (dP^T - delta)
 //        dV += P^T dO, dK += dS^T Q (P^T and dS^T reused in registers as A operands).
@@ -10,8 +11,11 @@
 //      the warps of one slice group recompute the same S^T / dP^T to keep the accumulators
 //      within 255 registers.  Non-deterministic mode also writes dS to shared memory and adds
 //      dQ += dS K to the fp32 dq_accum with atomics.
+//      With num_splits > 1 each CTA stores its fp32 dK / dV partial instead of dK / dV.
 //   3. flash_bwd_dq_kernel (deterministic mode): one CTA per query block, loops over the key
 //      blocks: S, dP, dS as in the forward layout, dQ += dS K in registers, no atomics.
+//   4. flash_bwd_reduce_dkdv_kernel (num_splits > 1): dK, dV = sum of the partials in split
+//      order (deterministic), cast.
 #pragma once
 
 #include "flash_utils.cuh"
@@ -132,9 +136,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
   const int g = lane / 4;
   const int tq = lane % 4;
   const int n_block = blockIdx.x;
-  const int hk = blockIdx.y;
+  const int hk = blockIdx.y / params.num_splits;
+  const int split = blockIdx.y % params.num_splits;
   const int b = blockIdx.z;
   const int group = params.nheads / params.nheads_kv;
+  // This split's query heads [h_begin, h_begin + n_heads) of the group (sizes differ by <= 1).
+  const int h_begin = hk * group + split * group / params.num_splits;
+  const int n_heads = hk * group + (split + 1) * group / params.num_splits - h_begin;
   const int Lq = params.seqlen_q;
   const int Lk = params.seqlen_k;
   const int n0 = n_block * BN;
@@ -167,13 +175,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
   }
 
   if (m_count > 0) {
-    const int n_iters = group * m_count;  // (query head of the group, query block) pairs
+    const int n_iters = n_heads * m_count;  // (query head of the split, query block) pairs
     const bool has_element_mask = params.has_element_mask();
 
     // Issues the cp.async loads of Q / dO for iteration it into buffer buf and fills the
     // lse / delta rows with plain stores (made visible by the next block_sync).
     auto load_query_block = [&](int it, int buf) {
-      const int h = hk * group + it / m_count;
+      const int h = h_begin + it / m_count;
       const int m_start = (m_begin + it % m_count) * BM;
       const T* q_ptr = static_cast<const T*>(params.q) + b * params.q_batch_stride + h * params.q_head_stride +
                        m_start * params.q_row_stride;
@@ -213,7 +221,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
 
     for (int it = 0; it < n_iters; ++it) {
       const int buf = it % 2;
-      const int h = hk * group + it / m_count;
+      const int h = h_begin + it / m_count;
       const int m_start = (m_begin + it % m_count) * BM;
       if (it + 1 < n_iters) {
         load_query_block(it + 1, buf ^ 1);  // buffer freed by the block_sync ending iteration it-1
@@ -367,7 +375,29 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
     }
   }
 
-  // dK = scale * dS^T Q, dV: cast (casting point of dK, dV) and store this warp's slice.
+  // dK = scale * dS^T Q, dV: cast (casting point of dK, dV) and store this warp's slice; with
+  // splits the unscaled fp32 partial goes to dk_accum / dv_accum (scaled by the reduction).
+  if (params.num_splits > 1) {
+    const int64_t row0 = ((static_cast<int64_t>(split) * params.batch + b) * Lk + n0) * params.nheads_kv + hk;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int jl = kw * 16 + g + half * 8;
+      if (n0 + jl < Lk) {
+        const int64_t off = (row0 + static_cast<int64_t>(jl) * params.nheads_kv) * params.head_dim;
+#pragma unroll
+        for (int dt = 0; dt < kST; ++dt) {
+          const int d = dw * kDSlice + dt * 8 + 2 * tq;
+          if (d < params.head_dim) {
+            *reinterpret_cast<float2*>(params.dk_accum + off + d) =
+                make_float2(acc_dk[dt][2 * half], acc_dk[dt][2 * half + 1]);
+            *reinterpret_cast<float2*>(params.dv_accum + off + d) =
+                make_float2(acc_dv[dt][2 * half], acc_dv[dt][2 * half + 1]);
+          }
+        }
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int j = n0 + kw * 16 + g + half * 8;
@@ -579,6 +609,44 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dq_kernel(const __
       }
     }
   }
+}
+
+constexpr int kReduceThreads = 256;
+
+// Blocks of the reduction: 4 columns per thread (head_dim is a multiple of 8).
+inline unsigned reduce_dkdv_blocks(const FlashBwdParams& params) {
+  const int64_t chunks = static_cast<int64_t>(params.batch) * params.seqlen_k * params.nheads_kv * params.head_dim / 4;
+  return static_cast<unsigned>((chunks + kReduceThreads - 1) / kReduceThreads);
+}
+
+// dK = scale * sum_s dk_accum[s], dV = sum_s dv_accum[s], summed in split order (bitwise
+// reproducible), cast and stored; 4 consecutive columns of one (b, j, hk) row per thread.
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) flash_bwd_reduce_dkdv_kernel(const __grid_constant__ FlashBwdParams params) {
+  const int64_t n = static_cast<int64_t>(params.batch) * params.seqlen_k * params.nheads_kv * params.head_dim;
+  const int64_t idx = (static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x) * 4;
+  if (idx >= n) return;
+  const int d = static_cast<int>(idx % params.head_dim);
+  const int64_t row = idx / params.head_dim;  // (b, j, hk)
+  const int hk = static_cast<int>(row % params.nheads_kv);
+  const int j = static_cast<int>((row / params.nheads_kv) % params.seqlen_k);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(params.nheads_kv) * params.seqlen_k));
+  float4 dk = make_float4(0.f, 0.f, 0.f, 0.f);
+  float4 dv = dk;
+  for (int s = 0; s < params.num_splits; ++s) {
+    const float4 k4 = *reinterpret_cast<const float4*>(params.dk_accum + s * n + idx);
+    const float4 v4 = *reinterpret_cast<const float4*>(params.dv_accum + s * n + idx);
+    dk = make_float4(dk.x + k4.x, dk.y + k4.y, dk.z + k4.z, dk.w + k4.w);
+    dv = make_float4(dv.x + v4.x, dv.y + v4.y, dv.z + v4.z, dv.w + v4.w);
+  }
+  const float scale = params.softmax_scale;
+  T* dk_out = static_cast<T*>(params.dk) + b * params.dk_batch_stride + j * params.dk_row_stride +
+              hk * params.dk_head_stride + d;
+  T* dv_out = static_cast<T*>(params.dv) + b * params.dv_batch_stride + j * params.dv_row_stride +
+              hk * params.dv_head_stride + d;
+  *reinterpret_cast<uint2*>(dk_out) =
+      make_uint2(pack2<T>(dk.x * scale, dk.y * scale), pack2<T>(dk.z * scale, dk.w * scale));
+  *reinterpret_cast<uint2*>(dv_out) = make_uint2(pack2<T>(dv.x, dv.y), pack2<T>(dv.z, dv.w));
 }
 
 }  // namespace flash

@@ -1,6 +1,6 @@
-// Instantiations of the backward preprocess kernel (delta = rowsum(dO * O)), one per dtype.
-// Kept out of instantiations/: it holds no tensor-core code and does not depend on the head
-// dim or dropout.
+// Instantiations of the backward preprocess kernel (delta = rowsum(dO * O)) and of the split
+// dK/dV reduction, one per dtype. Kept out of instantiations/: they hold no tensor-core code
+// and do not depend on the head dim or dropout.
 #include "flash_bwd_launch_template.h"
 
 namespace fastattn {
@@ -8,6 +8,8 @@ namespace flash {
 
 template cudaError_t run_flash_bwd_preprocess_<__half>(const FlashBwdParams&, cudaStream_t);
 template cudaError_t run_flash_bwd_preprocess_<__nv_bfloat16>(const FlashBwdParams&, cudaStream_t);
+template cudaError_t run_flash_bwd_reduce_dkdv_<__half>(const FlashBwdParams&, cudaStream_t);
+template cudaError_t run_flash_bwd_reduce_dkdv_<__nv_bfloat16>(const FlashBwdParams&, cudaStream_t);
 
 }  // namespace flash
 }  // namespace fastattn

@@ -7,7 +7,8 @@
 //     pads / copies when the user's tensors are not), so 16-byte vector accesses are legal;
 //   * head_dim <= 256; the kernel instantiated for the next larger bucket (32, 64, 96, 128,
 //     192, 256) serves it, masking the columns >= head_dim;
-//   * lse, delta and dq_accum are fp32 and contiguous with the layouts given below.
+//   * lse, delta, dq_accum, dk_accum and dv_accum are fp32 and contiguous with the layouts
+//     given below.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -85,7 +86,39 @@ struct FlashBwdParams : FlashAttnParams {
   // false: dq accumulates in dq_accum with fp32 atomics inside the dK/dV kernel (the host
   // scales and casts it); true: a separate dQ kernel loops over key blocks, no atomics.
   bool deterministic;
+  int num_sms;     // SMs of the device (flash::device_sm_count()); 0 = unknown, never split
+  int num_splits;  // dK/dV CTAs per (key block, kv head), each over a contiguous range of the
+                   // group's query heads: bwd_num_splits(); 1 = dK/dV written directly
+  float* dk_accum;  // (num_splits, B, Lk, Hkv, D) contiguous fp32 partials; only when num_splits > 1
+  float* dv_accum;  // same layout, for dV
 };
+
+// Keys per dK/dV CTA for a head dim (BwdDkdvTraitsFor, held to it by a static_assert in the
+// launch template): the host needs it to size the grid before choosing the splits.
+constexpr int bwd_dkdv_block_n(int head_dim) { return head_dim <= 128 ? 128 : 64; }
+
+// Splits of a GQA group's query heads over dK/dV CTAs. The base grid (key blocks x Hkv x B,
+// one CTA per SM) leaves SMs idle for MQA / GQA with a small batch; splitting costs an fp32
+// partial per split and a reduction. Picks the split count with the fewest (waves x heads per
+// CTA), the smallest on ties; 1 when the base grid fills the device or the group is one head.
+// A pure function of the shapes and num_sms, so deterministic runs stay reproducible.
+inline int bwd_num_splits(const FlashBwdParams& p) {
+  const int group = p.nheads / p.nheads_kv;
+  const int64_t base = static_cast<int64_t>((p.seqlen_k + bwd_dkdv_block_n(p.head_dim) - 1) /
+                                            bwd_dkdv_block_n(p.head_dim)) * p.nheads_kv * p.batch;
+  if (group <= 1 || p.num_sms <= 0 || base >= p.num_sms) return 1;
+  int best = 1;
+  int64_t best_cost = group;  // 1 wave of base CTAs, each over the whole group
+  for (int s = 2; s <= group; ++s) {
+    const int64_t waves = (base * s + p.num_sms - 1) / p.num_sms;
+    const int64_t cost = waves * ((group + s - 1) / s);
+    if (cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
 
 // Per (dtype, head-dim bucket, dropout) launchers, explicitly instantiated in the generated
 // files under instantiations/ (generate_instantiations.py).
@@ -103,12 +136,19 @@ cudaError_t run_flash_fwd_sm90_(const FlashFwdParams& params, cudaStream_t strea
 template <typename T>
 cudaError_t run_flash_bwd_preprocess_(const FlashBwdParams& params, cudaStream_t stream);
 
+// dK, dV = the sum of the num_splits fp32 partials in split order, cast (num_splits > 1).
+template <typename T>
+cudaError_t run_flash_bwd_reduce_dkdv_(const FlashBwdParams& params, cudaStream_t stream);
+
 // Entry points for the host glue: dispatch on dtype, head dim and dropout (flash_api.cu).
 // Forward: the sm_90a wgmma kernel when fwd_uses_sm90 holds, else the mma.sync kernel.
 bool fwd_uses_sm90(const FlashFwdParams& params);
 cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream);
-// Preprocess (delta = rowsum(dout * out)), then the dK/dV kernel, then (deterministic) dQ.
+// Preprocess (delta = rowsum(dout * out)), then the dK/dV kernel, then (deterministic) dQ,
+// then (num_splits > 1) the dK/dV reduction.
 cudaError_t run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream);
+// Multiprocessor count of the current device (cached), for FlashBwdParams::num_sms.
+int device_sm_count();
 
 }  // namespace flash
 }  // namespace fastattn

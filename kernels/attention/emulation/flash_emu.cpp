@@ -70,8 +70,9 @@ void emu_bwd(const FlashBwdParams& params, int mode) {
              mode, [&] { flash_bwd_preprocess_kernel<T>(params); });
   auto dkdv = [&](auto traits) {
     using Tr = decltype(traits);
-    emu_launch((params.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, params.nheads_kv, params.batch, Tr::kNThreads,
-               Tr::kSmemBytes, mode, [&] { flash_bwd_dkdv_kernel<Tr>(params); });
+    static_assert(Tr::kBlockN == bwd_dkdv_block_n(Tr::kHeadDim), "bwd_num_splits assumes this key block");
+    emu_launch((params.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, params.nheads_kv * params.num_splits, params.batch,
+               Tr::kNThreads, Tr::kSmemBytes, mode, [&] { flash_bwd_dkdv_kernel<Tr>(params); });
   };
   if (params.deterministic) {
     dkdv(BwdDkdvTraitsFor<T, kHeadDim, kIsDropout, false>{});
@@ -80,6 +81,10 @@ void emu_bwd(const FlashBwdParams& params, int mode) {
                Tr::kSmemBytes, mode, [&] { flash_bwd_dq_kernel<Tr>(params); });
   } else {
     dkdv(BwdDkdvTraitsFor<T, kHeadDim, kIsDropout, true>{});
+  }
+  if (params.num_splits > 1) {
+    emu_launch(reduce_dkdv_blocks(params), 1, 1, kReduceThreads, 0, mode,
+               [&] { flash_bwd_reduce_dkdv_kernel<T>(params); });
   }
 }
 
@@ -159,9 +164,10 @@ const char* emu_param_layout() {
     FlashBwdParams b{};
     o << "|bwd=" << sizeof(FlashBwdParams) << ';';
     fastattn::flash::common_fields(o, b);
-    const char* ptrs[] = {"out", "dout", "lse", "delta", "dq_accum", "dq", "dk", "dv"};
-    const void* addrs[] = {&b.out, &b.dout, &b.lse, &b.delta, &b.dq_accum, &b.dq, &b.dk, &b.dv};
-    for (int i = 0; i < 8; ++i) {
+    const char* ptrs[] = {"out", "dout", "lse", "delta", "dq_accum", "dq", "dk", "dv", "dk_accum", "dv_accum"};
+    const void* addrs[] = {&b.out, &b.dout, &b.lse, &b.delta, &b.dq_accum,
+                           &b.dq, &b.dk, &b.dv, &b.dk_accum, &b.dv_accum};
+    for (int i = 0; i < 10; ++i) {
       o << ptrs[i] << ':' << (static_cast<const char*>(addrs[i]) - reinterpret_cast<const char*>(&b)) << ":P,";
     }
     const char* strides[] = {"o", "do", "dq", "dk", "dv"};
@@ -175,6 +181,8 @@ const char* emu_param_layout() {
       }
     }
     fastattn::flash::field(o, b, b.deterministic, "deterministic", "?");
+    fastattn::flash::field(o, b, b.num_sms, "num_sms", "i");
+    fastattn::flash::field(o, b, b.num_splits, "num_splits", "i");
     text = o.str();
   }
   return text.c_str();
@@ -267,6 +275,12 @@ int emu_flash_fwd_sm90(const void* params_ptr, int mode, char* msg, int msg_len)
     return fastattn::flash::report(err, msg, msg_len);
   }
   return 0;
+}
+
+// The dK/dV split count the host would pick for these params (csrc/attention.cpp sizes the
+// dk_accum / dv_accum workspace with it).
+int emu_bwd_num_splits(const void* params_ptr) {
+  return fastattn::flash::bwd_num_splits(*static_cast<const FlashBwdParams*>(params_ptr));
 }
 
 int emu_flash_bwd(const void* params_ptr, int mode, char* msg, int msg_len) {
