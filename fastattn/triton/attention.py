@@ -12,12 +12,15 @@ Kernels, in call order:
 - ``_attn_bwd_dkdv_kernel``: one program per (key block, kv head, batch) recomputes P from the
   saved logsumexp and accumulates dK/dV in fp32 registers. For grouped-query attention it
   loops over the query heads of its kv head inside the kernel, so dK/dV are reduced without
-  atomics and without repeating k/v in memory.
+  atomics and without repeating k/v in memory. With ``D_SPLIT`` > 1 (D=256 on sm_90) each key
+  block has D_SPLIT programs that all recompute P and dP but own a slice of dK/dV's head dim.
 - ``_attn_bwd_dq_kernel``: one program per (query block, head, batch) recomputes P and dP and
   owns its dQ rows. No atomics anywhere, so the backward is deterministic (bitwise-identical
   gradients run to run) whatever ``options.deterministic`` says. The price is recomputing
   Q K^T and dO V^T (7 block GEMMs instead of 5); an atomic-dQ variant inside the dK/dV kernel
-  was built and dropped: it spilled registers in every D=128 config tried (AOT).
+  was built and dropped: it spilled registers in every D=128 config tried (AOT). It splits
+  dQ's head dim over ``D_SPLIT`` programs as dK/dV does (masked D=256 on sm_90, fp32 D=256
+  on sm_80).
 
 Masking semantics (see ``fastattn/options.py``): causal in both alignments through one
 ``causal_shift`` (query i sees key j iff ``j <= i + causal_shift``); key_padding_mask and bool
@@ -29,23 +32,32 @@ lse -inf; the backward reads lse -inf as +inf, which makes every probability of 
 its gradients are 0, never NaN.
 
 Dropout is applied to the normalized probabilities and regenerated in the backward, never
-stored: the keep decision of (b, h, i, j) is ``u >= dropout_p`` with ``u`` the first Philox
-output for seed ``rng.seed`` and counter ``(j, i, b * H + h, rng.offset)``, a pure function of
-(seed, offset, b, h, i, j) in four 32-bit counters, so no offset overflows at 128k x 128k.
-:func:`dropout_mask` materializes it (through the same Triton function) for tests.
+stored. One Philox4x32-10 call (seed ``rng.seed``) serves the 2 x 2 group of queries
+{i, i + 8} x keys {j, j + 8}, i and j in ``16 * n + (0..7)``: its counter is
+``(gj, gi, b * H + h, rng.offset)`` with ``gi = (i // 16) * 8 + i % 8`` (gj likewise), and
+the keep decision of (b, h, i, j) is ``u >= dropout_p`` with ``u`` its word
+``2 * ((i // 8) % 2) + (j // 8) % 2`` as a uniform. Rows and columns 8 apart sit in the same
+thread of the mma / wgmma accumulator layouts, in both the (queries x keys) and the transposed
+dK/dV orientation, so the four words land where they are used without moving data: a quarter
+of the Philox work and live state of one call per element (which spilled). The mask is a pure
+function of (seed, offset, b, h, i, j) in four 32-bit counters, so no offset overflows at
+128k x 128k. :func:`dropout_mask` materializes it (through the same Triton function) for tests.
 
 Precision: inputs fp16 / bf16 / fp32, every dot accumulates in fp32; probabilities and dS are
 rounded to the input dtype before their tensor-core dot (the casting points are marked in the
 code). fp32 inputs use ``input_precision="ieee"`` (FMA units, no tensor cores): tf32 would
-round q and k to 10 mantissa bits and fail the fp32 tolerance. With dropout the autotuner
-only tries the configs with the fewest score elements per thread (see ``select_configs``).
+round q and k to 10 mantissa bits and fail the fp32 tolerance. With dropout or an attn_mask
+the autotuner tries only the smaller configs shipped for those launches (``masked``), where
+the score-shaped mask tile and the dropout words fit in registers (see ``select_configs``).
 
 Large tensors: batch/head/sequence offsets are formed in int64 before they meet a stride; the
 in-block offsets stay int32, so 128k-token sequences of packed qkv views do not overflow.
 
 Block configurations: ``SHIPPED_CONFIGS[arch][kernel]`` for sm_80 (Ampere, mma.sync) and
 sm_90 (Hopper, wgmma), autotuned per (head dim, causal, masks, sequence-length bucket, dtype)
-and pruned by head dim and an estimate of shared memory; the interpreter uses the small
+and pruned by head dim, dtype class, launch kind (dropout / attn_mask or neither) and an
+estimate of shared memory; every one compiles without register spills for the launches it
+serves (AOT test, ``aot_specs``). The interpreter uses the small
 ``INTERPRETER_CONFIGS``. Expected speeds are written down in ``docs/attention_perf.md``.
 """
 
@@ -89,15 +101,38 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, rng_offset, bh, rows, cols, dropout_p):
-    """Keep decision for query ``rows`` x key ``cols`` (int32 blocks that broadcast against
-    each other) of head ``bh = b * H + h``: Philox(seed; j, i, bh, offset)[0] as a uniform."""
-    c0 = cols + rows * 0
-    c1 = rows + cols * 0
-    c2 = c0 * 0 + bh
-    c3 = c0 * 0 + rng_offset
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    return tl.uint_to_uniform_float(r0) >= dropout_p
+def _interleave_2x2(a00, a01, a10, a11, R: tl.constexpr, C: tl.constexpr):
+    """(R, C) tile whose element (16x + 8s + u, 16y + 8t + v) is a_st[8x + u, 8y + v]
+    (a_st: (R // 2, C // 2)). Rows i, i + 8 and columns j, j + 8 sit in the same thread of
+    the mma / wgmma accumulator layouts, so no data moves between threads."""
+    a00 = tl.reshape(a00, (R // 16, 8, C // 16, 8))
+    a01 = tl.reshape(a01, (R // 16, 8, C // 16, 8))
+    a10 = tl.reshape(a10, (R // 16, 8, C // 16, 8))
+    a11 = tl.reshape(a11, (R // 16, 8, C // 16, 8))
+    j = tl.join(tl.join(a00, a01), tl.join(a10, a11))  # (x, u, y, v, t, s)
+    return tl.reshape(tl.permute(j, (0, 5, 1, 2, 4, 3)), (R, C))
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offset, bh, start_row, start_col, dropout_p,
+                  R: tl.constexpr, C: tl.constexpr, ROWS_ARE_KEYS: tl.constexpr):
+    """Keep decisions of an (R, C) tile starting at (start_row, start_col) of head
+    ``bh = b * H + h``; rows are queries (columns keys) unless ROWS_ARE_KEYS. One Philox call
+    serves the 2x2 group of queries {i, i + 8} x keys {j, j + 8} (i, j multiples of 16 plus
+    0..7): counter (key group, query group, bh, offset), word 2 * (query half) + key half."""
+    tl.static_assert(R % 16 == 0 and C % 16 == 0, "dropout tiles are made of 16 x 16 groups")
+    # Row 16x + 8s + u (start_row a multiple of 16) belongs to group start_row / 2 + 8x + u.
+    gr = start_row // 2 + tl.arange(0, R // 2)
+    gc = start_col // 2 + tl.arange(0, C // 2)
+    z = gr[:, None] * 0 + gc[None, :] * 0
+    if ROWS_ARE_KEYS:
+        w0, w1, w2, w3 = tl.philox(seed, gr[:, None] + z, gc[None, :] + z, z + bh, z + rng_offset)
+        # (key half s, query half t) -> word 2 t + s
+        r = _interleave_2x2(w0, w2, w1, w3, R, C)
+    else:
+        w0, w1, w2, w3 = tl.philox(seed, gc[None, :] + z, gr[:, None] + z, z + bh, z + rng_offset)
+        r = _interleave_2x2(w0, w1, w2, w3, R, C)
+    return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +143,7 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, kpm_base, mask_base,
     stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-    rows, rows_ok, offs_d, bh,
+    start_m, rows, rows_ok, offs_d, bh,
     lo, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -122,7 +157,10 @@ def _attn_fwd_inner(
     kT_ptrs = k_base + start * stride_kl + offs_n[None, :] * stride_kl + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
     v_ptrs = v_base + start * stride_vl + offs_n[:, None] * stride_vl + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     kpm_ptrs = kpm_base + start * stride_kpml + offs_n * stride_kpml  # (BLOCK_N,)
-    m_ptrs = mask_base + start * stride_mk + mask_row_offs[:, None] + offs_n[None, :] * stride_mk  # (BLOCK_M, BLOCK_N)
+    # Loop-invariant int32 offsets and a scalar base: a pointer tile carried through the loop
+    # costs two registers per score element (spilled with dropout and both masks).
+    m_offs = mask_row_offs[:, None] + offs_n[None, :] * stride_mk  # (BLOCK_M, BLOCK_N)
+    m_base = mask_base + start * stride_mk
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         cols_ok = cols < Lk
@@ -145,10 +183,10 @@ def _attn_fwd_inner(
             kpm = tl.load(kpm_ptrs, mask=cols_ok, other=0)
             qk = tl.where(kpm[None, :] != 0, qk, _NEG_INF)
         if MASK_KIND == 1:
-            allowed = tl.load(m_ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0)
+            allowed = tl.load(m_base + m_offs, mask=rows_ok[:, None] & cols_ok[None, :], other=0)
             qk = tl.where(allowed != 0, qk, _NEG_INF)
         if MASK_KIND == 2:
-            bias = tl.load(m_ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
+            bias = tl.load(m_base + m_offs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
             qk = qk * qk_scale + bias * _LOG2E
             m_new = tl.maximum(m_i, tl.max(qk, 1))
         else:
@@ -166,7 +204,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, rows[:, None], cols[None, :], dropout_p)
+            keep = _dropout_keep(seed, rng_offset, bh, start_m, start_n, dropout_p, rows.shape[0], BLOCK_N, False)
             p = tl.where(keep, p, 0.0)
         # Casting point: probabilities rounded to the input dtype for the tensor-core dot.
         acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
@@ -174,7 +212,7 @@ def _attn_fwd_inner(
         kT_ptrs += BLOCK_N * stride_kl
         v_ptrs += BLOCK_N * stride_vl
         kpm_ptrs += BLOCK_N * stride_kpml
-        m_ptrs += BLOCK_N * stride_mk
+        m_base += BLOCK_N * stride_mk
     return acc, l_i, m_i
 
 
@@ -243,13 +281,13 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, kpm_base, mask_base,
         stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-        rows, rows_ok, offs_d, bh, 0, full_hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+        start_m, rows, rows_ok, offs_d, bh, 0, full_hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
         HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, kpm_base, mask_base,
         stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-        rows, rows_ok, offs_d, bh, full_hi, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
+        start_m, rows, rows_ok, offs_d, bh, full_hi, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
         HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
     )
 
@@ -298,23 +336,27 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, lse_base, delta_base, mask_base,
     stride_ql, stride_dol, stride_ml, mask_col_offs,
-    cols, cols_ok, kpm_ok, offs_d, bh,
+    start_n, cols, cols_ok, kpm_ok, offs_d, offs_dout, bh,
     lo, diag_end, Lq, causal_shift, qk_scale, dropout_p, seed, rng_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_SPLIT: tl.constexpr,
 ):
     """Query blocks [lo, Lq) against one key block, in the transposed orientation (keys x
     queries) so that P^T and dS^T feed dV and dK without a transpose. The causal mask is
     applied only to blocks before ``diag_end`` (a uniform branch: one loop, where two loops
     cost registers and spilled at D=128). Rows past Lq load lse = +inf, so P = 0; key rows
-    past Lk hold k = v = 0 and only reach dK/dV rows that are never stored."""
+    past Lk hold k = v = 0 and only reach dK/dV rows that are never stored. dk, dv hold the
+    head-dim columns ``offs_dout`` (all of them unless D_SPLIT > 1)."""
     offs_m = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     # Loop-invariant int32 offsets; the int64 row start is added per step.
     qT_offs = offs_m[None, :] * stride_ql + offs_d[:, None]  # (BLOCK_D, BLOCK_M)
     do_offs = offs_m[:, None] * stride_dol + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
     mT_offs = offs_m[None, :] * stride_ml + mask_col_offs[:, None]  # (BLOCK_N, BLOCK_M)
+    dout_ok = offs_dout < HEAD_DIM
+    q_part_offs = offs_m[:, None] * stride_ql + offs_dout[None, :]  # (BLOCK_M, BLOCK_D // D_SPLIT)
+    do_part_offs = offs_m[:, None] * stride_dol + offs_dout[None, :]  # (BLOCK_M, BLOCK_D // D_SPLIT)
     for start_m in range(lo, Lq, BLOCK_M):
         m64 = tl.cast(start_m, tl.int64)
         rows = start_m + offs_m
@@ -346,17 +388,24 @@ def _attn_bwd_dkdv_inner(
             pT = tl.where(allowed != 0, pT, 0.0)
         dpT = _mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M) fp32
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, rows[None, :], cols[:, None], dropout_p)
+            keep = _dropout_keep(seed, rng_offset, bh, start_n, start_m, dropout_p, cols.shape[0], BLOCK_M, True)
             inv_keep = 1.0 / (1.0 - dropout_p)
             pdT = tl.where(keep, pT * inv_keep, 0.0)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)
         else:
             pdT = pT
+        if D_SPLIT == 1:
+            do_part = do
+            q_part = tl.trans(qT)
+        else:
+            part_ok = rows_ok[:, None] & dout_ok[None, :]
+            do_part = tl.load(do_base + m64 * stride_dol + do_part_offs, mask=part_ok, other=0.0)
+            q_part = tl.load(q_base + m64 * stride_ql + q_part_offs, mask=part_ok, other=0.0)
         # Casting points: dropped probabilities and dS^T rounded to the input dtype for the dots.
-        dv = _mma(pdT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+        dv = _mma(pdT.to(do.dtype), do_part, dv, DOT_PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dsT_in = dsT.to(qT.dtype)
-        dk = _mma(dsT_in, tl.trans(qT), dk, DOT_PRECISION, UPCAST)
+        dk = _mma(dsT_in, q_part, dk, DOT_PRECISION, UPCAST)
     return dk, dv
 
 
@@ -385,8 +434,13 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_SPLIT: tl.constexpr,  # programs per key block, each owning BLOCK_D // D_SPLIT columns of dK/dV
 ):
-    start_n = tl.program_id(0) * BLOCK_N
+    # With D_SPLIT > 1 every program recomputes the key block's P^T and dP^T (full head dim)
+    # but accumulates only its slice of dK/dV: at D=256 the full accumulators of a 64-key
+    # wgmma tile spilled.
+    start_n = tl.program_id(0) // D_SPLIT * BLOCK_N
+    offs_dout = tl.program_id(0) % D_SPLIT * (BLOCK_D // D_SPLIT) + tl.arange(0, BLOCK_D // D_SPLIT)
     off_kvh = tl.program_id(1)
     off_b = tl.program_id(2)
     offs_n = tl.arange(0, BLOCK_N)
@@ -418,8 +472,8 @@ def _attn_bwd_dkdv_kernel(
         m_lo = start_n * 0
         m_full = m_lo
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
     for g in range(0, group):
         off_h = off_kvh * group + g
         h64 = off_h.to(tl.int64)
@@ -432,16 +486,19 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
             stride_ql, stride_dol, stride_ml, mask_col_offs,
-            cols, cols_ok, kpm_ok, offs_d, bh, m_lo, m_full, Lq, causal_shift, qk_scale,
+            start_n, cols, cols_ok, kpm_ok, offs_d, offs_dout, bh, m_lo, m_full, Lq, causal_shift, qk_scale,
             dropout_p, seed, rng_offset,
             HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+            D_SPLIT,
         )
 
     dk = dk * softmax_scale
-    out_off = b64 * stride_dkb + kvh64 * stride_dkh + n64 * stride_dkl + offs_n[:, None] * stride_dkl + offs_d[None, :]
+    out_off = (b64 * stride_dkb + kvh64 * stride_dkh + n64 * stride_dkl
+               + offs_n[:, None] * stride_dkl + offs_dout[None, :])
+    out_ok = cols_ok[:, None] & (offs_dout < HEAD_DIM)[None, :]
     # Casting points: fp32 accumulators to the gradients' dtypes.
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=tile_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=tile_ok)
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -449,20 +506,27 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
     k_base, v_base, kpm_base, mask_base,
     stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-    rows, rows_ok, offs_d, bh,
+    start_m, rows, rows_ok, offs_d, offs_dout, bh,
     lo, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_SPLIT: tl.constexpr,
 ):
-    """Key blocks [lo, hi) of one query block: dQ += dS K with dS recomputed."""
+    """Key blocks [lo, hi) of one query block: dQ += dS K with dS recomputed; dq holds the
+    head-dim columns ``offs_dout`` (all of them unless D_SPLIT > 1)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     start = tl.cast(lo, tl.int64)
     kT_ptrs = k_base + start * stride_kl + offs_n[None, :] * stride_kl + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+    # (BLOCK_N, BLOCK_D // D_SPLIT)
+    k_part_ptrs = k_base + start * stride_kl + offs_n[:, None] * stride_kl + offs_dout[None, :]
+    dout_ok = offs_dout < HEAD_DIM
     vT_ptrs = v_base + start * stride_vl + offs_n[None, :] * stride_vl + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
     kpm_ptrs = kpm_base + start * stride_kpml + offs_n * stride_kpml  # (BLOCK_N,)
-    m_ptrs = mask_base + start * stride_mk + mask_row_offs[:, None] + offs_n[None, :] * stride_mk  # (BLOCK_M, BLOCK_N)
+    # Loop-invariant int32 offsets and a scalar base: a pointer tile carried through the loop
+    # costs two registers per score element (spilled with dropout and both masks).
+    m_offs = mask_row_offs[:, None] + offs_n[None, :] * stride_mk  # (BLOCK_M, BLOCK_N)
+    m_base = mask_base + start * stride_mk
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         cols_ok = cols < Lk
@@ -477,7 +541,7 @@ def _attn_bwd_dq_inner(
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
         qk = _mma(q, kT, None, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
         if MASK_KIND == 2:
-            bias = tl.load(m_ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
+            bias = tl.load(m_base + m_offs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
             p = tl.math.exp2(qk * qk_scale + bias * _LOG2E - lse2[:, None])
         else:
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -490,19 +554,24 @@ def _attn_bwd_dq_inner(
             kpm = tl.load(kpm_ptrs, mask=cols_ok, other=0)
             p = tl.where(kpm[None, :] != 0, p, 0.0)
         if MASK_KIND == 1:
-            allowed = tl.load(m_ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0)
+            allowed = tl.load(m_base + m_offs, mask=rows_ok[:, None] & cols_ok[None, :], other=0)
             p = tl.where(allowed != 0, p, 0.0)
         dp = _mma(do, vT, None, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rng_offset, bh, rows[:, None], cols[None, :], dropout_p)
+            keep = _dropout_keep(seed, rng_offset, bh, start_m, start_n, dropout_p, rows.shape[0], BLOCK_N, False)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         # Casting point: dS rounded to the input dtype for the dot.
-        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION, UPCAST)
+        if D_SPLIT == 1:
+            k_part = tl.trans(kT)
+        else:
+            k_part = tl.load(k_part_ptrs, mask=cols_ok[:, None] & dout_ok[None, :], other=0.0)
+        dq = _mma(ds.to(kT.dtype), k_part, dq, DOT_PRECISION, UPCAST)
         kT_ptrs += BLOCK_N * stride_kl
+        k_part_ptrs += BLOCK_N * stride_kl
         vT_ptrs += BLOCK_N * stride_vl
         kpm_ptrs += BLOCK_N * stride_kpml
-        m_ptrs += BLOCK_N * stride_mk
+        m_base += BLOCK_N * stride_mk
     return dq
 
 
@@ -530,10 +599,13 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_SPLIT: tl.constexpr,  # programs per query block, each owning BLOCK_D // D_SPLIT columns of dQ
 ):
-    pid_m = tl.program_id(0)
+    # As in dK/dV: with D_SPLIT > 1 each program recomputes P and dP and owns a slice of dQ.
+    pid_m = tl.program_id(0) // D_SPLIT
+    offs_dout = tl.program_id(0) % D_SPLIT * (BLOCK_D // D_SPLIT) + tl.arange(0, BLOCK_D // D_SPLIT)
     if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_m = tl.num_programs(0) // D_SPLIT - 1 - pid_m
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_kvh = off_h // group
@@ -570,23 +642,26 @@ def _attn_bwd_dq_kernel(
         hi = Lk
         full_hi = Lk // BLOCK_N * BLOCK_N
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D // D_SPLIT], tl.float32)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, kpm_base, mask_base,
         stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-        rows, rows_ok, offs_d, bh, 0, full_hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+        start_m, rows, rows_ok, offs_d, offs_dout, bh, 0, full_hi, Lk, causal_shift, qk_scale, dropout_p, seed,
+        rng_offset, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+        UPCAST, D_SPLIT,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, kpm_base, mask_base,
         stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-        rows, rows_ok, offs_d, bh, full_hi, hi, Lk, causal_shift, qk_scale, dropout_p, seed, rng_offset,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, UPCAST,
+        start_m, rows, rows_ok, offs_d, offs_dout, bh, full_hi, hi, Lk, causal_shift, qk_scale, dropout_p, seed,
+        rng_offset, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+        UPCAST, D_SPLIT,
     )
     dq = dq * softmax_scale
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dql + offs_m[:, None] * stride_dql + offs_d[None, :]
+    dq_ptrs = (DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dql
+               + offs_m[:, None] * stride_dql + offs_dout[None, :])
     # Casting point: fp32 accumulator to q's dtype.
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=tile_ok)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rows_ok[:, None] & (offs_dout < HEAD_DIM)[None, :])
 
 
 @triton.jit(do_not_specialize=_PER_CALL_ARGS)
@@ -601,7 +676,8 @@ def _dropout_mask_kernel(
     base = KEEP + bh.to(tl.int64) * Lq * Lk + rows.to(tl.int64)[:, None] * Lk
     for start_n in range(0, Lk, BLOCK_N):
         cols = start_n + offs_n
-        keep = _dropout_keep(seed, rng_offset, bh, rows[:, None], cols[None, :], dropout_p)
+        keep = _dropout_keep(seed, rng_offset, bh, tl.program_id(0) * BLOCK_M, start_n, dropout_p,
+                             BLOCK_M, BLOCK_N, False)
         tl.store(base + cols[None, :], keep.to(tl.uint8), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
 
 
@@ -614,7 +690,12 @@ class KernelConfig:
     program and BLOCK_N the key step; for dK/dV BLOCK_N is the key block of a program and
     BLOCK_M the query step. ``block_ds``: the BLOCK_D (padded head dims) it is shipped for;
     ``fp32``: shipped for fp32 inputs (whose IEEE dots run on FMA units, not tensor cores, so
-    small tiles lose nothing and keep compile time and registers low) instead of fp16/bf16."""
+    small tiles lose nothing and keep compile time and registers low) instead of fp16/bf16.
+    ``masked``: True: only for launches with dropout or an attn_mask (a score-shaped tile
+    generated or loaded per step costs registers, and the large tiles spilled with it); False:
+    only for launches with neither; None: both. ``kpm``: also serves launches with a
+    key_padding_mask (False where that spilled). ``d_split`` (backward only): programs per key
+    block (dK/dV) or query block (dQ), each accumulating BLOCK_D / d_split gradient columns."""
 
     block_m: int
     block_n: int
@@ -622,37 +703,63 @@ class KernelConfig:
     num_stages: int
     block_ds: tuple
     fp32: bool = False
-
-    def triton_config(self) -> "triton.Config":
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
-                             num_warps=self.num_warps, num_stages=self.num_stages)
+    masked: Optional[bool] = False
+    d_split: int = 1
+    kpm: bool = True
 
     @property
-    def elements_per_thread(self) -> int:
-        """Score-tile elements each thread holds (BLOCK_M x BLOCK_N over the threads)."""
-        return self.block_m * self.block_n // (32 * self.num_warps)
+    def launch_key(self) -> tuple:
+        """What distinguishes two compiled kernels (and autotuner entries)."""
+        return self.block_m, self.block_n, self.num_warps, self.num_stages, self.d_split
+
+    def meta(self, kernel: str) -> dict:
+        """The block constexprs of a launch of ``kernel``."""
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+        if kernel != "fwd":
+            meta["D_SPLIT"] = self.d_split
+        return meta
+
+    def triton_config(self, kernel: str) -> "triton.Config":
+        return triton.Config(self.meta(kernel), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def serves(self, masked: bool, kpm: bool = False) -> bool:
+        return (self.masked is None or self.masked == masked) and (self.kpm or not kpm)
 
     def shared_bytes_estimate(self, kernel: str, block_d: int, elem: int) -> int:
-        """Pipelined operand tiles (plus dK/dV's transposed q and dO tiles); matches the
-        compiled kernels to a few KiB (measured with the AOT test)."""
+        """Pipelined operand tiles (plus dK/dV's transposed q and dO tiles, plus an attn_mask
+        tile for ``masked`` configs); matches the compiled kernels to a few KiB (measured
+        with the AOT test)."""
         m, n, s = self.block_m, self.block_n, self.num_stages
+        mask_tile = elem * m * n if self.masked else 0
         if kernel == "fwd":
-            return elem * block_d * (m + 2 * s * n)
+            return elem * block_d * (m + 2 * s * n) + mask_tile
         if kernel == "dkdv":
-            return elem * block_d * (2 * n + 2 * s * m + 2 * m)
-        return elem * block_d * (2 * m + 2 * s * n)
+            return elem * block_d * (2 * n + 2 * s * m + 2 * m) + mask_tile
+        return elem * block_d * (2 * m + 2 * s * n) + mask_tile
 
 
 _SMALL_D = (16, 32, 64)
-#: fp32 (IEEE) configs, both architectures: the smallest spills measured at AOT (FMA dots keep
-#: whole operand rows in registers; every fp32 tile tried spills somewhere, see the docs).
+_ALL_D = _SMALL_D + (128, 256)
+#: fp32 (IEEE) configs, with and without dropout / masks: FMA dots keep whole operand rows in
+#: registers, so only 16 x 16 score tiles are spill-free at every head dim (the larger ones
+#: tried spilled 24 B to 14 KB, see docs/attention_perf.md); D=256 needs more warps or a
+#: split head dim.
+_FP32_D128 = _SMALL_D + (128,)
 _FP32_CONFIGS = {
-    "fwd": (KernelConfig(32, 16, 4, 2, _SMALL_D + (128,), True), KernelConfig(16, 16, 4, 2, (256,), True)),
-    "dkdv": (KernelConfig(16, 32, 4, 2, _SMALL_D + (128,), True), KernelConfig(16, 16, 4, 2, (256,), True)),
-    "dq": (KernelConfig(32, 32, 4, 2, _SMALL_D + (128,), True), KernelConfig(16, 32, 4, 2, (256,), True)),
+    80: {
+        "fwd": (KernelConfig(16, 16, 8, 2, _ALL_D, True, None),),
+        "dkdv": (KernelConfig(16, 16, 8, 2, _FP32_D128, True, None), KernelConfig(16, 16, 4, 2, (256,), True, None, 2)),
+        "dq": (KernelConfig(16, 16, 8, 2, _FP32_D128, True, None), KernelConfig(16, 16, 8, 2, (256,), True, None, 2)),
+    },
+    90: {
+        "fwd": (KernelConfig(16, 16, 8, 2, _ALL_D, True, None),),
+        "dkdv": (KernelConfig(16, 16, 4, 2, _FP32_D128, True, None), KernelConfig(16, 16, 8, 2, (256,), True, None)),
+        "dq": (KernelConfig(16, 16, 8, 2, _ALL_D, True, None),),
+    },
 }
 #: Shipped configurations per architecture family (80: Ampere/Ada, 90: Hopper and later). Each
-#: fp16/bf16 config compiles without register spills at the largest BLOCK_D it serves (AOT test).
+#: compiles without register spills at the largest BLOCK_D it serves, for the launches it
+#: serves (AOT test: causal without masks, or with dropout and both masks when ``masked``).
 SHIPPED_CONFIGS: dict[int, dict[str, tuple[KernelConfig, ...]]] = {
     80: {
         "fwd": (
@@ -662,21 +769,29 @@ SHIPPED_CONFIGS: dict[int, dict[str, tuple[KernelConfig, ...]]] = {
             KernelConfig(64, 64, 8, 2, (128,)),
             KernelConfig(64, 32, 8, 2, (256,)),
             KernelConfig(32, 32, 4, 2, (256,)),
-        ) + _FP32_CONFIGS["fwd"],
+            KernelConfig(64, 32, 8, 2, _SMALL_D + (128,), masked=True),
+            KernelConfig(32, 32, 8, 2, (256,), masked=True),
+        ) + _FP32_CONFIGS[80]["fwd"],
         "dkdv": (
             KernelConfig(32, 128, 8, 2, _SMALL_D),
-            KernelConfig(32, 64, 4, 3, _SMALL_D),
+            # With a key_padding_mask it spilled 16 B (AOT, D=64).
+            KernelConfig(32, 64, 4, 3, _SMALL_D, kpm=False),
             KernelConfig(32, 64, 8, 2, (128,)),
             KernelConfig(32, 64, 8, 3, (128,)),
             KernelConfig(32, 32, 8, 2, (256,)),
-        ) + _FP32_CONFIGS["dkdv"],
+            KernelConfig(16, 64, 4, 2, _SMALL_D, masked=True),
+            KernelConfig(32, 32, 8, 2, (128,), masked=True),
+            KernelConfig(32, 32, 8, 2, (256,), masked=True),
+        ) + _FP32_CONFIGS[80]["dkdv"],
         "dq": (
             KernelConfig(128, 32, 8, 2, _SMALL_D),
             KernelConfig(64, 32, 4, 2, _SMALL_D + (128,)),
             KernelConfig(64, 64, 8, 2, (128,)),
             KernelConfig(64, 32, 8, 2, (256,)),
             KernelConfig(32, 32, 4, 2, (256,)),
-        ) + _FP32_CONFIGS["dq"],
+            KernelConfig(64, 32, 8, 2, _SMALL_D + (128,), masked=True),
+            KernelConfig(16, 32, 4, 2, (256,), masked=True),
+        ) + _FP32_CONFIGS[80]["dq"],
     },
     90: {
         "fwd": (
@@ -687,23 +802,31 @@ SHIPPED_CONFIGS: dict[int, dict[str, tuple[KernelConfig, ...]]] = {
             KernelConfig(128, 64, 8, 2, (128,)),
             KernelConfig(128, 32, 8, 3, (128, 256)),
             KernelConfig(64, 32, 4, 3, (256,)),
-        ) + _FP32_CONFIGS["fwd"],
+            KernelConfig(64, 32, 8, 3, _SMALL_D + (128,), masked=True),
+            KernelConfig(64, 16, 8, 2, (256,), masked=True),
+        ) + _FP32_CONFIGS[90]["fwd"],
         "dkdv": (
             KernelConfig(32, 128, 8, 3, _SMALL_D),
             KernelConfig(64, 128, 8, 2, _SMALL_D),
             KernelConfig(32, 64, 4, 2, _SMALL_D),
             KernelConfig(32, 128, 8, 2, (128,)),
             KernelConfig(32, 64, 8, 2, (128,)),
-            # BLOCK_N = 32 < 64 rows per warpgroup: mma.sync, not wgmma; every wgmma tile spilled.
-            KernelConfig(32, 32, 8, 2, (256,)),
-        ) + _FP32_CONFIGS["dkdv"],
+            # Two (four with masks) programs per key block split dK/dV's head dim: the full
+            # 64 x 256 accumulators of a wgmma tile spilled, and 32 keys are too few for wgmma.
+            KernelConfig(16, 64, 8, 2, (256,), d_split=2),
+            KernelConfig(16, 64, 8, 2, _SMALL_D + (128,), masked=True),
+            KernelConfig(16, 64, 8, 2, (256,), masked=True, d_split=4),
+        ) + _FP32_CONFIGS[90]["dkdv"],
         "dq": (
             KernelConfig(128, 64, 8, 3, _SMALL_D),
-            KernelConfig(128, 128, 8, 2, _SMALL_D),
+            # With a key_padding_mask it spilled 48 B (AOT, D=64).
+            KernelConfig(128, 128, 8, 2, _SMALL_D, kpm=False),
             KernelConfig(128, 64, 8, 2, (128,)),
             KernelConfig(128, 32, 8, 2, (128, 256)),
-            KernelConfig(32, 32, 4, 2, (256,)),
-        ) + _FP32_CONFIGS["dq"],
+            KernelConfig(64, 16, 8, 2, (256,)),
+            KernelConfig(64, 32, 8, 2, _SMALL_D + (128,), masked=True),
+            KernelConfig(64, 16, 8, 2, (256,), masked=True, d_split=4),
+        ) + _FP32_CONFIGS[90]["dq"],
     },
 }
 
@@ -713,6 +836,9 @@ INTERPRETER_CONFIGS = {
     "dkdv": KernelConfig(16, 32, 4, 1, ()),
     "dq": KernelConfig(32, 16, 4, 1, ()),
 }
+#: The interpreter splits the backward over two programs per block from this BLOCK_D on, so
+#: that the tests cover both variants (the split ones are shipped for D=256 on sm_90).
+_INTERPRETER_D_SPLIT_FROM = 128
 #: Elements of O (and of dO) per preprocess program: 32 per thread of 4 warps, no spills.
 _PREPROCESS_TILE = 4096
 _DROPOUT_MASK_BLOCK = 32
@@ -739,29 +865,29 @@ def _max_shared_bytes(device_index: int) -> int:
 
 
 def select_configs(
-    kernel: str, arch: int, block_d: int, elem_size: int, shared_limit: int, has_dropout: bool = False
+    kernel: str, arch: int, block_d: int, elem_size: int, shared_limit: int, has_dropout: bool = False,
+    has_mask: bool = False, has_kpm: bool = False,
 ) -> list[KernelConfig]:
-    """The shipped configs the autotuner may try: those for this BLOCK_D and dtype class whose
-    tiles fit in ``shared_limit`` bytes, else (a GPU with less shared memory) the one with the
-    smallest estimate. With dropout only those with the fewest score elements per thread:
-    Philox keeps four 32-bit words per element live, and the larger tiles spilled. Never empty."""
+    """The shipped configs the autotuner may try: those for this BLOCK_D, dtype class and
+    launch kind (with dropout or an attn_mask, or with neither; with a key_padding_mask: see
+    ``KernelConfig.masked`` and ``kpm``) whose tiles fit in ``shared_limit`` bytes, else (a
+    GPU with less shared memory) the one with the smallest estimate. Never empty."""
     fp32 = elem_size == 4
-    candidates = [c for c in SHIPPED_CONFIGS[arch][kernel] if block_d in c.block_ds and c.fp32 == fp32]
+    masked = has_dropout or has_mask
+    candidates = [c for c in SHIPPED_CONFIGS[arch][kernel]
+                  if block_d in c.block_ds and c.fp32 == fp32 and c.serves(masked, has_kpm)]
     fitting = [c for c in candidates if c.shared_bytes_estimate(kernel, block_d, elem_size) <= shared_limit]
-    chosen = fitting or [min(candidates, key=lambda c: c.shared_bytes_estimate(kernel, block_d, elem_size))]
-    if has_dropout:
-        least = min(c.elements_per_thread for c in chosen)
-        chosen = [c for c in chosen if c.elements_per_thread == least]
-    return chosen
+    return fitting or [min(candidates, key=lambda c: c.shared_bytes_estimate(kernel, block_d, elem_size))]
 
 
 def _prune(kernel: str, arch: int, configs, named_args, **kwargs):
     q = named_args["Q"]
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     chosen = select_configs(kernel, arch, kwargs["BLOCK_D"], q.element_size(), _max_shared_bytes(device_index),
-                            kwargs["HAS_DROPOUT"])
-    keys = {(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in chosen}
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keys]
+                            kwargs["HAS_DROPOUT"], kwargs["MASK_KIND"] != 0, kwargs["HAS_KPM"])
+    keys = {c.launch_key for c in chosen}
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                                   c.kwargs.get("D_SPLIT", 1)) in keys]
 
 
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
@@ -772,9 +898,9 @@ _TUNING_KEYS = ["HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT", 
 def _autotuned(kernel: str, arch: int):
     """The autotuned kernel for an architecture family, built on first use (not at import)."""
     # One triton.Config per distinct launch shape (an fp16 and an fp32 config may share one).
-    unique = {(c.block_m, c.block_n, c.num_warps, c.num_stages): c for c in SHIPPED_CONFIGS[arch][kernel]}
+    unique = {c.launch_key: c for c in SHIPPED_CONFIGS[arch][kernel]}
     return triton.autotune(
-        configs=[c.triton_config() for c in unique.values()],
+        configs=[c.triton_config(kernel) for c in unique.values()],
         key=_TUNING_KEYS,
         prune_configs_by={"early_config_prune": functools.partial(_prune, kernel, arch)},
     )(_KERNELS[kernel])
@@ -788,18 +914,20 @@ def _seq_bucket(n: int) -> int:
 def _launch(kernel: str, grid_rows: int, batch: int, heads: int, args: tuple, constexprs: dict) -> None:
     """Launch ``kernel`` over (blocks of grid_rows, heads, batch) with the interpreter config
     or the autotuned one for this GPU."""
-    if triton_interpret_enabled():
-        cfg = INTERPRETER_CONFIGS[kernel]
-        block = cfg.block_n if kernel == "dkdv" else cfg.block_m
-        grid = (triton.cdiv(grid_rows, block), heads, batch)
-        _KERNELS[kernel][grid](*args, **constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return
-    arch = arch_family(torch.cuda.get_device_capability(args[0].device))
     block_name = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
 
     def grid(meta):
-        return (triton.cdiv(grid_rows, meta[block_name]), heads, batch)
+        return (triton.cdiv(grid_rows, meta[block_name]) * meta.get("D_SPLIT", 1), heads, batch)
+
+    if triton_interpret_enabled():
+        cfg = INTERPRETER_CONFIGS[kernel]
+        if kernel != "fwd" and constexprs["BLOCK_D"] >= _INTERPRETER_D_SPLIT_FROM:
+            cfg = dataclasses.replace(cfg, d_split=2)
+        meta = cfg.meta(kernel)
+        _KERNELS[kernel][grid(meta)](*args, **constexprs, **meta, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages)
+        return
+    arch = arch_family(torch.cuda.get_device_capability(args[0].device))
 
     _autotuned(kernel, arch)[grid](*args, **constexprs)
 
@@ -968,6 +1096,14 @@ AOT_DIVISIBLE_BY_16 = tuple(
 )
 
 
+def aot_name(kernel: str, cfg: KernelConfig, features: str) -> str:
+    """Name of the AOT spec of ``cfg`` compiled for ``features`` ("causal" / "all-features")."""
+    dtype = "fp32" if cfg.fp32 else "bf16"
+    split = f" split{cfg.d_split}" if cfg.d_split > 1 else ""
+    return (f"{kernel} {dtype} D{max(cfg.block_ds)} {features} "
+            f"M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{split}")
+
+
 def _aot_signature(kernel, dtype: torch.dtype, constexprs: dict, ones: tuple = ()) -> tuple[dict, dict]:
     """Runtime-argument types of ``kernel`` for ``dtype`` inputs; ``ones`` are integer arguments
     the launch would pass as 1, which triton specializes into constants."""
@@ -990,32 +1126,33 @@ def _aot_signature(kernel, dtype: torch.dtype, constexprs: dict, ones: tuple = (
 
 def aot_specs(arch: int):
     """One AotSpec per shipped configuration of the forward, dK/dV and dQ kernels for
-    ``sm_<arch>``, at the largest BLOCK_D it serves, bf16 (fp32 for the fp32 configs), causal
-    without masks (the performance path); plus, per kernel, the config chosen for dropout at
-    D=128 compiled with every feature on (both masks, dropout); and the backward preprocess."""
-    from fastattn.triton.aot import AotSpec, max_shared
+    ``sm_<arch>`` and per kind of launch it serves, at the largest BLOCK_D it serves, bf16
+    (fp32 for the fp32 configs): "causal" (no masks, no dropout: the performance path) and
+    "all-features" (causal, key_padding_mask, additive attn_mask and dropout: the heaviest
+    masked launch); plus the backward preprocess."""
+    from fastattn.triton.aot import AotSpec
 
     family = arch_family((arch // 10, arch % 10))
     base = dict(IS_CAUSAL=True, HAS_KPM=False, MASK_KIND=0, HAS_DROPOUT=False, UPCAST=False)
     full = dict(base, HAS_KPM=True, MASK_KIND=2, HAS_DROPOUT=True)
+    # A launch with masks passes their contiguous last stride, 1, which triton makes a constant.
+    variants = (("causal", base, (), False), ("all-features", full, ("stride_kpml", "stride_mk"), True))
     for kernel, configs in SHIPPED_CONFIGS[family].items():
         jit_fn = _KERNELS[kernel]
-        cases = [(cfg, max(cfg.block_ds), base, ()) for cfg in configs]
-        dropout_cfg = select_configs(kernel, family, 128, 2, max_shared(arch), has_dropout=True)[0]
-        # A launch with masks passes their contiguous last stride, 1, which triton makes a constant.
-        cases.append((dropout_cfg, 128, full, ("stride_kpml", "stride_mk")))
-        for cfg, block_d, flags, ones in cases:
+        for cfg in configs:
+            block_d = max(cfg.block_ds)
             dtype = torch.float32 if cfg.fp32 else torch.bfloat16
-            constexprs = dict(
-                flags, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                DOT_PRECISION="ieee" if cfg.fp32 else "tf32",
-            )
-            signature, constexprs = _aot_signature(jit_fn, dtype, constexprs, ones)
-            features = "all-features" if flags["HAS_DROPOUT"] else "causal"
-            name = (f"{kernel} {_TRITON_DTYPE[dtype]} D{block_d} {features} "
-                    f"M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
-            divisible = tuple(n for n in AOT_DIVISIBLE_BY_16 if n in signature)
-            yield AotSpec(name, jit_fn, signature, constexprs, cfg.num_warps, cfg.num_stages, divisible)
+            for features, flags, ones, masked in variants:
+                if not cfg.serves(masked):
+                    continue
+                constexprs = dict(
+                    flags, **cfg.meta(kernel), HEAD_DIM=block_d, BLOCK_D=block_d,
+                    DOT_PRECISION="ieee" if cfg.fp32 else "tf32",
+                )
+                signature, constexprs = _aot_signature(jit_fn, dtype, constexprs, ones)
+                divisible = tuple(n for n in AOT_DIVISIBLE_BY_16 if n in signature)
+                yield AotSpec(aot_name(kernel, cfg, features), jit_fn, signature, constexprs, cfg.num_warps,
+                              cfg.num_stages, divisible)
     signature, constexprs = _aot_signature(
         _attn_bwd_preprocess_kernel, torch.bfloat16, dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_M=_preprocess_block_m(256))
     )
