@@ -773,9 +773,10 @@ SHIPPED_CONFIGS: dict[int, dict[str, tuple[KernelConfig, ...]]] = {
             KernelConfig(32, 32, 8, 2, (256,), masked=True),
         ) + _FP32_CONFIGS[80]["fwd"],
         "dkdv": (
-            KernelConfig(32, 128, 8, 2, _SMALL_D),
-            # With a key_padding_mask it spilled 16 B (AOT, D=64).
-            KernelConfig(32, 64, 4, 3, _SMALL_D, kpm=False),
+            # 32-query blocks (32 x 128 w8 s2, 32 x 64 w4 s3) spilled 8 / 24 B under triton 3.6
+            # (AOT, D=64); 32 x 64 w4 s3 also spilled 16 B with a key_padding_mask under 3.9.
+            KernelConfig(16, 128, 8, 2, _SMALL_D),
+            KernelConfig(16, 64, 4, 3, _SMALL_D, kpm=False),
             KernelConfig(32, 64, 8, 2, (128,)),
             KernelConfig(32, 64, 8, 3, (128,)),
             KernelConfig(32, 32, 8, 2, (256,)),
@@ -801,13 +802,15 @@ SHIPPED_CONFIGS: dict[int, dict[str, tuple[KernelConfig, ...]]] = {
             KernelConfig(128, 64, 8, 3, (128,)),
             KernelConfig(128, 64, 8, 2, (128,)),
             KernelConfig(128, 32, 8, 3, (128, 256)),
-            KernelConfig(64, 32, 4, 3, (256,)),
+            # 4 warps spilled 48 B under triton 3.6 (AOT, D=256).
+            KernelConfig(64, 32, 8, 3, (256,)),
             KernelConfig(64, 32, 8, 3, _SMALL_D + (128,), masked=True),
             KernelConfig(64, 16, 8, 2, (256,), masked=True),
         ) + _FP32_CONFIGS[90]["fwd"],
         "dkdv": (
             KernelConfig(32, 128, 8, 3, _SMALL_D),
-            KernelConfig(64, 128, 8, 2, _SMALL_D),
+            # 64 x 128 w8 s2 spilled 16 B under triton 3.6 (AOT, D=64).
+            KernelConfig(64, 64, 8, 2, _SMALL_D),
             KernelConfig(32, 64, 4, 2, _SMALL_D),
             KernelConfig(32, 128, 8, 2, (128,)),
             KernelConfig(32, 64, 8, 2, (128,)),
