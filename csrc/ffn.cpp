@@ -9,8 +9,9 @@
 // The public Python function has validated shapes and dtypes; the checks here guard direct
 // torch.ops callers. Which engine runs each GEMM (CUTLASS sm_90a or the hand-written kernel) is
 // decided in kernels/ffn/ffn_dispatch.cu; FASTATTN_FFN_CUTLASS=0 in the environment (read per
-// call) keeps every GEMM on the hand-written kernel.
+// call) keeps every GEMM on the hand-written kernel; ffn_cutlass_serves reports that choice.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -250,11 +251,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd_cuda(
   return {dx, dw1, db1, dw2, db2};
 }
 
+// The conditions run_ffn_gemm checks before the operands: the environment switch, the
+// epilogue rule and the device image; kFwdAct and kBwdAct share the rule.
+bool ffn_cutlass_serves(int64_t device, std::optional<c10::string_view> activation, bool dropout) {
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "fastattn::ffn_cutlass_serves: no CUDA device ",
+              device, " (", static_cast<int>(c10::cuda::device_count()), " visible)");
+  const bool rule =
+      !activation.has_value() || ffn::ffn_sm90_serves(GemmKind::kFwdAct, parse_activation(*activation), dropout);
+  if (!cutlass_allowed() || !rule) return false;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return ffn::ffn_sm90_device_ready();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("ffn_fwd", &ffn_fwd_cuda);
   m.impl("ffn_bwd", &ffn_bwd_cuda);
+}
+
+// No tensor argument to dispatch on: CompositeExplicitAutograd is the kernel the dispatcher
+// picks for tensor-less calls.
+TORCH_LIBRARY_IMPL(fastattn, CompositeExplicitAutograd, m) {
+  m.impl("ffn_cutlass_serves", &ffn_cutlass_serves);
 }
 
 }  // namespace fastattn

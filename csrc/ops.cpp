@@ -39,4 +39,8 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "ffn_bwd(Tensor dy, Tensor? z, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
       "float dropout_p, int seed, int offset) -> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2)");
+  // Whether ffn_fwd / ffn_bwd would run a GEMM on the CUTLASS sm_90a kernels on CUDA device
+  // `device` (TMA-compatible operands assumed): the activation GEMMs of `activation` with or
+  // without dropout, or the plain GEMMs when activation is None. A host query for tests.
+  m.def("ffn_cutlass_serves(int device, str? activation=None, bool dropout=False) -> bool");
 }

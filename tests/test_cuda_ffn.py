@@ -15,7 +15,8 @@ through ffn_bwd and checked against the documented Philox formula); recompute; t
 (scalar-load) path; determinism; the public function; torch.library.opcheck. On an sm_90 GPU
 with CUTLASS compiled in, the aligned cases run the CUTLASS kernels and the odd shapes the
 hand-written fallback; test_cutlass_and_hand_written_paths runs both on the same inputs
-(FASTATTN_FFN_CUTLASS=0 forces the hand-written kernel).
+(FASTATTN_FFN_CUTLASS=0 forces the hand-written kernel) and asserts, through the
+fastattn::ffn_cutlass_serves query, which engine serves each run.
 """
 
 from __future__ import annotations
@@ -540,6 +541,7 @@ def test_unaligned_operands_take_scalar_path(activation, dtype, monkeypatch):
     from fastattn.cuda import ffn as cffn
 
     monkeypatch.setenv("FASTATTN_FFN_CUTLASS", "0")
+    assert not cffn.cutlass_serves() and not cffn.cutlass_serves(activation=activation)
     inputs = _make(50, 40, 48, 24, dtype, activation=activation)
     options = FeedForwardOptions(activation=activation)
 
@@ -561,6 +563,44 @@ def test_unaligned_operands_take_scalar_path(activation, dtype, monkeypatch):
         assert torch.equal(getattr(g, name), getattr(g_odd, name)), name
 
 
+def _cutlass_expected() -> bool:
+    """CUTLASS must serve the current device: an sm_90 GPU, the extension built for sm_90a
+    (fastattn._build's default on a 9.0 GPU) with the CUTLASS headers found."""
+    from fastattn import _build
+
+    return (
+        torch.cuda.get_device_capability() == (9, 0)
+        and _build.cutlass_include_dir() is not None
+        and "9.0a" in (_build.extension_archs() or "")
+    )
+
+
+@requires_cuda
+def test_cutlass_serves_query(monkeypatch):
+    """fastattn::ffn_cutlass_serves through cffn.cutlass_serves: the device forms, the
+    epilogue rule (swiglu and dropout stay hand-written), the environment switch, bad input."""
+    from fastattn.cuda import ffn as cffn
+
+    expected = _cutlass_expected()
+    index = torch.cuda.current_device()
+    for device in (None, index, f"cuda:{index}", torch.device("cuda")):
+        assert cffn.cutlass_serves(device) is expected, device
+    for activation in ("relu", "gelu", "gelu_tanh", "silu"):
+        assert cffn.cutlass_serves(activation=activation) is expected, activation
+        assert cffn.cutlass_serves(activation=activation, dropout=True) is False, activation
+    assert cffn.cutlass_serves(activation="swiglu") is False
+    monkeypatch.setenv("FASTATTN_FFN_CUTLASS", "0")
+    assert cffn.cutlass_serves() is False and cffn.cutlass_serves(activation="relu") is False
+    monkeypatch.setenv("FASTATTN_FFN_CUTLASS", "1")
+    assert cffn.cutlass_serves() is expected
+    with pytest.raises(RuntimeError, match="activation must be"):
+        cffn.cutlass_serves(activation="tanh")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cffn.cutlass_serves(torch.cuda.device_count())
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        cffn.cutlass_serves("cpu")
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -568,13 +608,20 @@ def test_cutlass_and_hand_written_paths(activation, dtype, monkeypatch):
     """Aligned operands (the CUTLASS kernels on sm_90 when compiled in; swiglu's first GEMMs and
     every other GPU: hand-written) and the same inputs with FASTATTN_FFN_CUTLASS=0 (hand-written
     everywhere): both against the float64 reference, with a saved and a recomputed z, and a
-    misaligned copy of the operands, which must fall back, against the reference too."""
+    misaligned copy of the operands, which must fall back, against the reference too. The
+    engine of each run is asserted through cutlass_serves."""
+    from fastattn.cuda import ffn as cffn
+
+    expected = _cutlass_expected()
     inputs = _make(300, 256, 512, 136, dtype, activation=activation)
     for recompute in (False, True):
         options = FeedForwardOptions(activation=activation, recompute=recompute)
+        assert cffn.cutlass_serves() is expected
+        assert cffn.cutlass_serves(activation=activation) is (expected and activation != "swiglu")
         _check(inputs, options, None, None)
         with monkeypatch.context() as env:
             env.setenv("FASTATTN_FFN_CUTLASS", "0")
+            assert not cffn.cutlass_serves() and not cffn.cutlass_serves(activation=activation)
             _check(inputs, options, None, None)
     # Bases 2 bytes past a 16-byte boundary: TMA cannot load them, the dispatcher falls back.
     def shifted(t):

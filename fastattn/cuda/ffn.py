@@ -17,7 +17,7 @@ TMA + wgmma kernels whose epilogue visitor trees compute the same fp32 formulas
 (kernels/ffn/ffn_sm90_launch_template.h); dropout, swiglu, operands TMA cannot describe
 (bases off 16 bytes, strides or contiguous sizes off 8 elements) and every other GPU use the
 hand-written kernel. ``FASTATTN_FFN_CUTLASS=0`` forces the hand-written kernel everywhere
-(docs/cuda_ffn.md).
+(docs/cuda_ffn.md); :func:`cutlass_serves` tells which engine a device would use.
 
 Dropout keep mask of the (M, F) activation: element (row, col) is kept iff
 ``dropout_keep(seed, offset, row * F + col, threshold(p))`` of kernels/common/philox.cuh, a pure
@@ -31,7 +31,7 @@ to x's dtype when stored; bias gradients sum the stored dz / dy in fp32.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -112,6 +112,30 @@ def _ffn_fwd_backward(ctx, dy, _dz):
         None,
         None,
     )
+
+
+def cutlass_serves(
+    device: Union[torch.device, str, int, None] = None, activation: Optional[str] = None, dropout: bool = False
+) -> bool:
+    """Whether the FFN GEMMs run on the CUTLASS sm_90a kernels on this CUDA device
+    (``fastattn::ffn_cutlass_serves``): the extension was built with the CUTLASS headers, the
+    device runs its sm_90a image, ``FASTATTN_FFN_CUTLASS`` is not ``0`` (read per call), and
+    the epilogue is one CUTLASS computes. ``activation=None`` asks about the plain GEMMs
+    (second forward GEMM, dx, dw1, dw2); an activation asks about the two activation GEMMs
+    (``x @ w1.T`` and ``dy @ w2``), which stay hand-written for swiglu and with dropout.
+
+    Operands are assumed TMA-compatible (16-byte aligned bases, row strides and contiguous
+    sizes multiples of 8 elements); others take the hand-written kernel whatever this says.
+    ``device=None`` is the current CUDA device.
+    """
+    if device is None:
+        index = torch.cuda.current_device()
+    else:
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"cutlass_serves needs a CUDA device, got {device}")
+        index = torch.cuda.current_device() if device.index is None else device.index
+    return bool(_ops().ffn_cutlass_serves(index, activation, dropout))
 
 
 def _rng_args(options: FeedForwardOptions, rng: Optional[RngState]) -> tuple[int, int]:

@@ -154,6 +154,14 @@ cudaError_t try_sm90(const FfnGemmParams& params, cudaStream_t stream, bool& lau
 
 }  // namespace
 
+bool ffn_sm90_device_ready() {
+#ifdef FASTATTN_HAVE_CUTLASS
+  return device_runs_sm90a();
+#else
+  return false;
+#endif
+}
+
 cudaError_t run_ffn_gemm(const FfnGemmParams& host_params, cudaStream_t stream) {
   if (host_params.M == 0 || host_params.N == 0) return cudaSuccess;
   if (!(host_params.dropout_p >= 0.f && host_params.dropout_p < 1.f)) return cudaErrorInvalidValue;

@@ -83,6 +83,10 @@ inline bool ffn_sm90_serves(GemmKind kind, Activation act, bool has_dropout) {
   return !has_dropout && act != Activation::kSwiglu;
 }
 
+// The device half of run_ffn_gemm's choice: built with FASTATTN_HAVE_CUTLASS and the current
+// device runs this library's sm_90a image (ffn_dispatch.cu). For csrc's ffn_cutlass_serves query.
+bool ffn_sm90_device_ready();
+
 // Column sums out[n] = sum_m X[m, n] (dbias), deterministic: fp32 partial sums over fixed row
 // chunks into `partial`, then one thread per column adds the chunks in order (no atomics).
 struct FfnColSumParams {
