@@ -12,6 +12,17 @@ import torch.nn.functional as F
 from fastattn.options import NormInputs, NormOptions, residual_out_dtype
 
 
+# Feature sets: (residual, weight, bias, dropout_p, prenorm, residual_in_fp32)
+FEATURES = {
+    "plain": (False, True, True, 0.0, False, False),
+    "residual": (True, True, True, 0.0, False, False),
+    "residual_prenorm_fp32": (True, True, True, 0.0, True, True),
+    "dropout_residual_prenorm": (True, True, False, 0.2, True, False),
+    "dropout_only_fp32": (False, False, False, 0.3, False, True),
+    "no_affine_prenorm": (True, False, False, 0.0, True, False),
+}
+
+
 def make_inputs(m, n, dtype, device, *, residual=True, residual_dtype=None, weight=True, bias=True,
                 param_dtype=None, kind="layer"):
     x = torch.randn(m, n, dtype=dtype, device=device)

@@ -32,20 +32,18 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import requires_cuda
 from fastattn.options import FeedForwardInputs, FeedForwardOptions, RngState
 from fastattn.reference import ffn as reference
+from ffn_cases import ACTIVATIONS, GRAD_NAMES, baseline, inputs64, make_inputs
 from helpers import assert_close_to_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 FFN_KERNELS = KERNELS / "ffn"
 ARCHS = ("80", "90a")
-ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu"]
 DTYPES = [torch.float16, torch.bfloat16]
-GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
 
 # One instantiation per layout (NT, NN, TN), the dual (swiglu) forward tile, both epilogue
 # families and both dtypes; plus the non-GEMM files.
@@ -360,54 +358,6 @@ def test_explicit_cuda_backend_says_why_without_gpu():
 # ---------------------------------------------------------------------------------------------
 # GPU correctness
 # ---------------------------------------------------------------------------------------------
-def _make(m, d_model, d_ff, d_out, dtype, *, activation, bias=True) -> FeedForwardInputs:
-    d_hidden = 2 * d_ff if activation == "swiglu" else d_ff
-    dev = "cuda"
-    x = torch.randn(m, d_model, device=dev).to(dtype)
-    # Fan-in scaling keeps z and y near unit size, as in trained layers.
-    w1 = (torch.randn(d_hidden, d_model, device=dev) / d_model**0.5).to(dtype)
-    w2 = (torch.randn(d_out, d_ff, device=dev) / d_ff**0.5).to(dtype)
-    b1 = (0.5 * torch.randn(d_hidden, device=dev)).to(dtype) if bias else None
-    b2 = (0.5 * torch.randn(d_out, device=dev)).to(dtype) if bias else None
-    return FeedForwardInputs(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
-
-
-def _to64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.double()
-
-
-def _inputs64(inputs: FeedForwardInputs) -> FeedForwardInputs:
-    return FeedForwardInputs(*(_to64(t) for t in (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)))
-
-
-def _torch_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "gelu":
-        return F.gelu(z)
-    if activation == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if activation == "silu":
-        return F.silu(z)
-    gate, up = z.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _baseline(inputs: FeedForwardInputs, dy, activation, p, keep):
-    """Plain PyTorch Linear -> act -> dropout -> Linear in the inputs' dtype, with autograd."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in
-              (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)]
-    x, w1, b1, w2, b2 = leaves
-    a = _torch_activation(F.linear(x, w1, b1), activation)
-    if keep is not None:
-        a = a * keep.to(a.dtype) / (1.0 - p)
-    y = F.linear(a, w2, b2)
-    y.backward(dy)
-    grads = dict(zip(GRAD_NAMES, (x.grad, w1.grad, None if b1 is None else b1.grad, w2.grad,
-                                  None if b2 is None else b2.grad)))
-    return y.detach(), grads
-
-
 def _kernel_keep_mask(m: int, f: int, dtype, p: float, rng: RngState) -> torch.Tensor:
     """The CUDA kernels' own (m, f) keep mask, read back through ffn_bwd: with z = 1, relu
     (act = act' = 1) and dy = I (d_out = m), dw2 = dy^T @ a_d = keep / (1 - p)."""
@@ -438,16 +388,15 @@ def _check(inputs, options, rng, keep, *, dy=None, atol_scale=1.0):
         assert z.shape == (inputs.rows, inputs.w1.shape[0]) and z.dtype == inputs.dtype
     if dy is None:
         dy = torch.randn_like(y)
-    inputs64 = _inputs64(inputs)
-    y64, z64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
-    y_base, grads_base = _baseline(inputs, dy, options.activation, options.dropout_p, keep)
+    in64 = inputs64(inputs)
+    y64, z64 = reference.forward(in64, options, rng, dropout_mask=keep)
+    y_base, z_base, grads_base = baseline(inputs, options.activation, options.dropout_p, keep, dy)
     assert_close_to_reference(y, y64, y_base, "y", atol_scale)
     if z is not None:
-        z_base = F.linear(inputs.x, inputs.w1, inputs.b1)
         assert_close_to_reference(z, z64, z_base, "z", atol_scale)
 
     grads = cffn.backward(dy, z, inputs, options, rng)
-    grads64 = reference.backward(dy.double(), None, inputs64, options, rng, dropout_mask=keep)
+    grads64 = reference.backward(dy.double(), None, in64, options, rng, dropout_mask=keep)
     for name in GRAD_NAMES:
         got, ref = getattr(grads, name), getattr(grads64, name)
         if ref is None:
@@ -474,7 +423,7 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_forward_backward(activation, dtype, shape):
-    inputs = _make(*shape, dtype, activation=activation, bias=shape[0] != 37)
+    inputs = make_inputs(*shape, dtype, "cuda", activation=activation, bias=shape[0] != 37)
     options = FeedForwardOptions(activation=activation)
     _check(inputs, options, None, None)
 
@@ -484,7 +433,7 @@ def test_forward_backward(activation, dtype, shape):
 def test_many_tiles(activation):
     """9 x 5 (swiglu: 9 x 10) output tiles: the grouped tile order ends in a partial group of
     tile rows, and K = 256 runs 8 k-tiles through the 4-stage ring."""
-    inputs = _make(1100, 256, 640, 384, torch.bfloat16, activation=activation)
+    inputs = make_inputs(1100, 256, 640, 384, torch.bfloat16, "cuda", activation=activation)
     _check(inputs, FeedForwardOptions(activation=activation), None, None)
 
 
@@ -495,7 +444,7 @@ def test_many_tiles(activation):
 def test_dropout(activation, dtype, shape):
     p = 0.3
     rng = RngState(seed=int(torch.randint(0, 2**31 - 1, ())), offset=int(torch.randint(0, 2**31 - 1, ())))
-    inputs = _make(*shape, dtype, activation=activation)
+    inputs = make_inputs(*shape, dtype, "cuda", activation=activation)
     m, f = shape[0], shape[2]
     keep = _kernel_keep_mask(m, f, dtype, p, rng)
     assert torch.equal(keep.cpu(), philox_keep_mask(m, f, p, rng.seed, rng.offset)), "mask != documented formula"
@@ -518,7 +467,7 @@ def test_recompute_matches_saved_z(activation, dtype):
 
     p = 0.2 if activation in ("gelu", "swiglu") else 0.0
     rng = RngState(seed=11, offset=5) if p else None
-    inputs = _make(70, 48, 56, 40, dtype, activation=activation)
+    inputs = make_inputs(70, 48, 56, 40, dtype, "cuda", activation=activation)
     keep = _kernel_keep_mask(70, 56, dtype, p, rng) if p else None
     saved = FeedForwardOptions(activation=activation, dropout_p=p)
     recompute = FeedForwardOptions(activation=activation, dropout_p=p, recompute=True)
@@ -542,7 +491,7 @@ def test_unaligned_operands_take_scalar_path(activation, dtype, monkeypatch):
 
     monkeypatch.setenv("FASTATTN_FFN_CUTLASS", "0")
     assert not cffn.cutlass_serves() and not cffn.cutlass_serves(activation=activation)
-    inputs = _make(50, 40, 48, 24, dtype, activation=activation)
+    inputs = make_inputs(50, 40, 48, 24, dtype, "cuda", activation=activation)
     options = FeedForwardOptions(activation=activation)
 
     def shifted(t):  # same values, base 2 bytes past a 16-byte boundary, row stride + 1
@@ -613,7 +562,7 @@ def test_cutlass_and_hand_written_paths(activation, dtype, monkeypatch):
     from fastattn.cuda import ffn as cffn
 
     expected = _cutlass_expected()
-    inputs = _make(300, 256, 512, 136, dtype, activation=activation)
+    inputs = make_inputs(300, 256, 512, 136, dtype, "cuda", activation=activation)
     for recompute in (False, True):
         options = FeedForwardOptions(activation=activation, recompute=recompute)
         assert cffn.cutlass_serves() is expected
@@ -639,7 +588,7 @@ def test_cutlass_and_hand_written_paths(activation, dtype, monkeypatch):
 def test_backward_is_deterministic():
     from fastattn.cuda import ffn as cffn
 
-    inputs = _make(600, 64, 96, 48, torch.bfloat16, activation="silu")
+    inputs = make_inputs(600, 64, 96, 48, torch.bfloat16, "cuda", activation="silu")
     options = FeedForwardOptions(activation="silu")
     y, z = cffn.forward(inputs, options, None)
     dy = torch.randn_like(y)
@@ -667,10 +616,10 @@ def test_public_function_autograd(recompute):
     y.backward(dy)
     inputs = FeedForwardInputs(x.detach().reshape(-1, 32), w1.detach(), b1.detach(), w2.detach(), b2.detach())
     options = FeedForwardOptions(activation="swiglu")
-    y64, _ = reference.forward(_inputs64(inputs), options, None)
-    y_base, grads_base = _baseline(inputs, dy.reshape(-1, 24), "swiglu", 0.0, None)
+    y64, _ = reference.forward(inputs64(inputs), options, None)
+    y_base, _, grads_base = baseline(inputs, "swiglu", 0.0, None, dy.reshape(-1, 24))
     assert_close_to_reference(y.detach().reshape(-1, 24), y64, y_base, "y")
-    grads64 = reference.backward(dy.reshape(-1, 24).double(), None, _inputs64(inputs), options, None)
+    grads64 = reference.backward(dy.reshape(-1, 24).double(), None, inputs64(inputs), options, None)
     for name, leaf in zip(GRAD_NAMES, (x, w1, b1, w2, b2)):
         grad = leaf.grad.reshape(-1, 32) if name == "dx" else leaf.grad
         assert_close_to_reference(grad, getattr(grads64, name), grads_base[name], name)
@@ -682,7 +631,7 @@ def test_opcheck(activation, save_z):
     from fastattn.cuda import ffn as cffn
 
     ops = cffn._ops()
-    inputs = _make(33, 24, 40, 16, torch.bfloat16, activation=activation)
+    inputs = make_inputs(33, 24, 40, 16, torch.bfloat16, "cuda", activation=activation)
     leaves = [t.clone().requires_grad_() for t in (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)]
     torch.library.opcheck(ops.ffn_fwd.default, (*leaves, activation, 0.25, 3, 7, save_z))
     y, z = ops.ffn_fwd(*(t.detach() for t in leaves), activation, 0.25, 3, 7, True)

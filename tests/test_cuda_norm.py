@@ -27,7 +27,7 @@ from fastattn.options import NormForwardResult, NormGrads, NormInputs, NormOptio
 from fastattn.reference import norm as reference
 from conftest import requires_cuda
 from helpers import assert_close_to_reference
-from norm_cases import baseline as _baseline, make_inputs, to64 as _to64
+from norm_cases import FEATURES as NORM_FEATURES, baseline as _baseline, make_inputs, to64 as _to64
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 EPS = 1e-5
@@ -306,16 +306,8 @@ def _check(inputs: NormInputs, options: NormOptions, rng: Optional[RngState], fo
     return out, grads
 
 
-# Feature sets: (residual, weight, bias, dropout_p, prenorm, residual_in_fp32)
-FEATURES = {
-    "plain": (False, True, True, 0.0, False, False),
-    "residual": (True, True, True, 0.0, False, False),
-    "residual_prenorm_fp32": (True, True, True, 0.0, True, True),
-    "dropout_residual_prenorm": (True, True, False, 0.2, True, False),
-    "dropout_only_fp32": (False, False, False, 0.3, False, True),
-    "no_affine_prenorm": (True, False, False, 0.0, True, False),
-    "h_is_x_fp32_out": (False, True, False, 0.0, True, True),
-}
+# The shared feature sets plus: no residual with prenorm, so h is x itself, kept in fp32.
+FEATURES = {**NORM_FEATURES, "h_is_x_fp32_out": (False, True, False, 0.0, True, True)}
 
 
 @requires_cuda

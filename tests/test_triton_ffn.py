@@ -13,66 +13,15 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import requires_cuda
 from fastattn.options import FeedForwardInputs, FeedForwardOptions, RngState
 from fastattn.reference import ffn as reference
 from fastattn.triton import ffn as tffn
+from ffn_cases import ACTIVATIONS, GRAD_NAMES, baseline, inputs64, make_inputs
 from helpers import assert_close_to_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu"]
-GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
-
-
-def _make(m, d_model, d_ff, d_out, dtype, device, *, activation, bias=True, x_scale=1.0) -> FeedForwardInputs:
-    d_hidden = 2 * d_ff if activation == "swiglu" else d_ff
-    x = (x_scale * torch.randn(m, d_model, device=device)).to(dtype)
-    # Fan-in scaling keeps z and y around unit size, as in trained layers.
-    w1 = (torch.randn(d_hidden, d_model, device=device) / d_model**0.5).to(dtype)
-    w2 = (torch.randn(d_out, d_ff, device=device) / d_ff**0.5).to(dtype)
-    b1 = (0.5 * torch.randn(d_hidden, device=device)).to(dtype) if bias else None
-    b2 = (0.5 * torch.randn(d_out, device=device)).to(dtype) if bias else None
-    return FeedForwardInputs(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
-
-
-def _to64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.double()
-
-
-def _inputs64(inputs: FeedForwardInputs) -> FeedForwardInputs:
-    return FeedForwardInputs(*(_to64(t) for t in (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)))
-
-
-def _torch_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "gelu":
-        return F.gelu(z)
-    if activation == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if activation == "silu":
-        return F.silu(z)
-    gate, up = z.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _baseline(inputs: FeedForwardInputs, options: FeedForwardOptions, keep, dy):
-    """Plain PyTorch Linear -> act -> dropout(keep) -> Linear in the inputs' dtype, autograd."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in
-              (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)]
-    x, w1, b1, w2, b2 = leaves
-    z = F.linear(x, w1, b1)
-    a = _torch_activation(z, options.activation)
-    if keep is not None:
-        a = a * keep.to(a.dtype) / (1.0 - options.dropout_p)
-    y = F.linear(a, w2, b2)
-    y.backward(dy)
-    grads = {name: None if leaf is None else leaf.grad for name, leaf in zip(GRAD_NAMES, leaves)}
-    return y.detach(), z.detach(), grads
-
-
 def _run_and_check(inputs: FeedForwardInputs, options: FeedForwardOptions, rng: Optional[RngState]):
     """Triton forward + backward vs the float64 reference; returns the Triton results."""
     y, z = tffn.forward(inputs, options, rng)
@@ -86,10 +35,10 @@ def _run_and_check(inputs: FeedForwardInputs, options: FeedForwardOptions, rng: 
     dy = torch.randn_like(y)
     grads = tffn.backward(dy, z, inputs, options, rng)
 
-    in64 = _inputs64(inputs)
+    in64 = inputs64(inputs)
     y_ref, z_ref = reference.forward(in64, options, rng, dropout_mask=keep)
     g_ref = reference.backward(dy.double(), None, in64, options, rng, dropout_mask=keep)
-    y_base, z_base, g_base = _baseline(inputs, options, keep, dy)
+    y_base, z_base, g_base = baseline(inputs, options.activation, options.dropout_p, keep, dy)
 
     assert_close_to_reference(y, y_ref, y_base, "y")
     if z is not None:
@@ -108,7 +57,7 @@ def _run_and_check(inputs: FeedForwardInputs, options: FeedForwardOptions, rng: 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activations_and_dtypes(activation, dtype, device):
     # Just above the interpreter's 64-wide tiles: two tiles along M and F.
-    inputs = _make(67, 40, 70, 33, dtype, device, activation=activation)
+    inputs = make_inputs(67, 40, 70, 33, dtype, device, activation=activation)
     options = FeedForwardOptions(activation=activation, dropout_p=0.2)
     rng = RngState(*torch.randint(0, 2**31 - 1, (2,)).tolist())
     _run_and_check(inputs, options, rng)
@@ -119,7 +68,7 @@ def test_activations_and_dtypes(activation, dtype, device):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_bias_dropout_recompute(activation, bias, dropout_p, recompute, device):
-    inputs = _make(45, 24, 70, 17, torch.float16, device, activation=activation, bias=bias)
+    inputs = make_inputs(45, 24, 70, 17, torch.float16, device, activation=activation, bias=bias)
     options = FeedForwardOptions(activation=activation, dropout_p=dropout_p, recompute=recompute)
     rng = RngState(*torch.randint(0, 2**31 - 1, (2,)).tolist()) if dropout_p > 0 else None
     _run_and_check(inputs, options, rng)
@@ -139,7 +88,7 @@ ODD_SHAPES = [
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + "-" + s[4])
 def test_odd_shapes(shape, dtype, device):
     m, d_model, d_ff, d_out, activation = shape
-    inputs = _make(m, d_model, d_ff, d_out, dtype, device, activation=activation)
+    inputs = make_inputs(m, d_model, d_ff, d_out, dtype, device, activation=activation)
     options = FeedForwardOptions(activation=activation, dropout_p=0.1)
     _run_and_check(inputs, options, RngState(*torch.randint(0, 2**31 - 1, (2,)).tolist()))
 
@@ -147,7 +96,7 @@ def test_odd_shapes(shape, dtype, device):
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_recompute_gives_identical_gradients(activation, device):
     """Recomputing z with the forward kernel must reproduce the saved z bit for bit."""
-    inputs = _make(19, 24, 40, 9, torch.bfloat16, device, activation=activation)
+    inputs = make_inputs(19, 24, 40, 9, torch.bfloat16, device, activation=activation)
     rng = RngState(*torch.randint(0, 2**31 - 1, (2,)).tolist())
     saved = FeedForwardOptions(activation=activation, dropout_p=0.25)
     recompute = FeedForwardOptions(activation=activation, dropout_p=0.25, recompute=True)
@@ -163,7 +112,7 @@ def test_recompute_gives_identical_gradients(activation, device):
 
 
 def test_backward_is_deterministic(device):
-    inputs = _make(45, 24, 40, 20, torch.float16, device, activation="silu")
+    inputs = make_inputs(45, 24, 40, 20, torch.float16, device, activation="silu")
     options = FeedForwardOptions(activation="silu", dropout_p=0.5)
     rng = RngState(*torch.randint(0, 2**31 - 1, (2,)).tolist())
     y, z = tffn.forward(inputs, options, rng)
@@ -177,7 +126,7 @@ def test_backward_is_deterministic(device):
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_strided_operands(activation, device):
     """Transposed weight views and a row-strided x are read in place (no copies)."""
-    base = _make(13, 24, 36, 10, torch.float32, device, activation=activation)
+    base = make_inputs(13, 24, 36, 10, torch.float32, device, activation=activation)
     d_hidden = base.w1.shape[0]
     w1_t = base.w1.t().contiguous().t()  # same values, strides (1, d_hidden)
     w2_t = base.w2.t().contiguous().t()
@@ -194,21 +143,21 @@ def test_strided_operands(activation, device):
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "swiglu"])
 def test_extreme_preactivations_stay_finite(activation, device):
     """|z| up to ~100: sigmoid/tanh saturate instead of producing inf/inf."""
-    inputs = _make(9, 16, 24, 8, torch.float32, device, activation=activation, x_scale=40.0)
+    inputs = make_inputs(9, 16, 24, 8, torch.float32, device, activation=activation, x_scale=40.0)
     _run_and_check(inputs, FeedForwardOptions(activation=activation), None)
 
 
 def test_tf32_option_is_accepted(device):
-    inputs = _make(9, 20, 24, 8, torch.float32, device, activation="gelu")
+    inputs = make_inputs(9, 20, 24, 8, torch.float32, device, activation="gelu")
     options = FeedForwardOptions(activation="gelu", allow_tf32=True)
     y, _ = tffn.forward(inputs, options, None)
-    y_ref, _ = reference.forward(_inputs64(inputs), options, None)
+    y_ref, _ = reference.forward(inputs64(inputs), options, None)
     # tf32 keeps 10 mantissa bits: compare at that precision.
     torch.testing.assert_close(y.double(), y_ref, rtol=2e-2, atol=2e-2)
 
 
 def test_dropout_mask(device):
-    inputs = _make(67, 8, 300, 8, torch.float16, device, activation="gelu")
+    inputs = make_inputs(67, 8, 300, 8, torch.float16, device, activation="gelu")
     options = FeedForwardOptions(activation="gelu", dropout_p=0.3)
     rng = RngState(*torch.randint(0, 2**31 - 1, (2,)).tolist())
     keep = tffn.dropout_mask(inputs, options, rng)
@@ -229,7 +178,7 @@ def test_dropout_mask(device):
 def test_dropout_is_applied_with_the_mask(device):
     """A row whose hidden units are all dropped outputs exactly b2 and passes no gradient to x."""
     # silu: a kept unit contributes (act and act' are nonzero), unlike relu with z < 0.
-    inputs = _make(29, 16, 4, 12, torch.float32, device, activation="silu")
+    inputs = make_inputs(29, 16, 4, 12, torch.float32, device, activation="silu")
     options = FeedForwardOptions(activation="silu", dropout_p=0.9)
     rng = RngState(*torch.randint(0, 2**31 - 1, (2,)).tolist())
     keep = tffn.dropout_mask(inputs, options, rng)
@@ -247,7 +196,7 @@ def test_dropout_is_applied_with_the_mask(device):
 def test_public_function_uses_these_kernels(activation, device):
     import fastattn
 
-    inputs = _make(11, 24, 20, 16, torch.float32, device, activation=activation)
+    inputs = make_inputs(11, 24, 20, 16, torch.float32, device, activation=activation)
     leaves = {}
     outs = {}
     for backend in ("triton", "reference"):
@@ -263,7 +212,7 @@ def test_public_function_uses_these_kernels(activation, device):
 
 
 def test_no_extra_reasons_on_this_device(device):
-    inputs = _make(3, 8, 8, 8, torch.float16, device, activation="gelu")
+    inputs = make_inputs(3, 8, 8, 8, torch.float16, device, activation="gelu")
     assert tffn.not_supported_reasons(inputs, FeedForwardOptions()) == []
     assert tffn.CAPABILITIES.not_supported_reasons(inputs, FeedForwardOptions(activation="swiglu", dropout_p=0.1)) == []
 
@@ -284,6 +233,6 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{str(c[0])[6:]}-{c[1]}-" + "x".join(map(str, c[2])))
 def test_gpu_model_shapes(case):
     dtype, activation, shape = case
-    inputs = _make(*shape, dtype, "cuda", activation=activation)
+    inputs = make_inputs(*shape, dtype, "cuda", activation=activation)
     options = FeedForwardOptions(activation=activation, dropout_p=0.1)
     _run_and_check(inputs, options, RngState(*torch.randint(0, 2**31 - 1, (2,)).tolist()))

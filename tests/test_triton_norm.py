@@ -18,7 +18,7 @@ from fastattn.options import NormInputs, NormOptions, RngState, residual_out_dty
 from fastattn.reference import norm as reference
 from fastattn.triton import norm as tnorm
 from helpers import assert_close_to_reference
-from norm_cases import baseline as _shared_baseline, make_inputs, to64 as _to64
+from norm_cases import FEATURES, baseline as _shared_baseline, make_inputs, to64 as _to64
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 EPS = 1e-5
@@ -88,15 +88,6 @@ def _check(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]):
     return out, grads
 
 
-# Feature sets: (residual, weight, bias, dropout_p, prenorm, residual_in_fp32)
-FEATURES = {
-    "plain": (False, True, True, 0.0, False, False),
-    "residual": (True, True, True, 0.0, False, False),
-    "residual_prenorm_fp32": (True, True, True, 0.0, True, True),
-    "dropout_residual_prenorm": (True, True, False, 0.2, True, False),
-    "dropout_only_fp32": (False, False, False, 0.3, False, True),
-    "no_affine_prenorm": (True, False, False, 0.0, True, False),
-}
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])

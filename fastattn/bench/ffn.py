@@ -128,7 +128,8 @@ def _fastattn(case: FeedForwardCase, problem: Problem, backend: str) -> Workload
     )
 
 
-def _activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+def torch_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation as plain torch.nn.functional calls (the naive baseline's, and the tests')."""
     if activation == "relu":
         return F.relu(z)
     if activation == "gelu":
@@ -145,7 +146,7 @@ def _activation(z: torch.Tensor, activation: str) -> torch.Tensor:
 
 def naive_ffn(x, w1, b1, w2, b2, activation: str) -> torch.Tensor:
     """Plain PyTorch: Linear, activation, Linear."""
-    return F.linear(_activation(F.linear(x, w1, b1), activation), w2, b2)
+    return F.linear(torch_activation(F.linear(x, w1, b1), activation), w2, b2)
 
 
 def _naive(case: FeedForwardCase, problem: Problem, compile_it: bool = False) -> Workload:
