@@ -123,8 +123,7 @@ def test_instantiations_match_generator():
 def test_kernels_compile_without_spills(compiled_ffn):
     for rel, (reports, _) in compiled_ffn.items():
         if rel == "ffn_dispatch.cu":
-            kernels = {kernel for kernel, _ in reports}
-            assert all("_ffn_sm90a_probe_kernel" in k for k in kernels), f"the dispatcher holds {kernels}"
+            assert not reports, f"the dispatcher holds kernels: {sorted(reports)}"
             continue
         archs = {arch for _, arch in reports}
         assert archs == set(ARCHS), f"{rel}: compiled for {sorted(archs)}"

@@ -327,10 +327,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     }
   }
 #elif defined(__CUDA_ARCH__)
-  // Not sm_90a (another arch, or 9.0 without the "a"): a stub the launcher recognises by this
-  // static shared-memory marker (the real kernel has none) and never starts.
-  __shared__ int flash_fwd_sm90_stub_marker;
-  *reinterpret_cast<volatile int*>(&flash_fwd_sm90_stub_marker) = 0;
+  // Not sm_90a (another arch, or 9.0 without the "a"): a stub the launcher never starts
+  // (device_runs_sm90a() is false wherever this image is the one the device runs).
   __trap();
 #endif
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../common/cuda_check.h"
+#include "../common/sm90a_image.h"
 #include "flash_fwd_sm90_kernel.cuh"
 #include "flash_launch.h"
 #include "flash_params.h"
@@ -10,22 +11,13 @@
 namespace fastattn {
 namespace flash {
 
-// The kernel has a body only where it was compiled for sm_90a; the image the driver picked for
-// this device is anything else (a 9.0 target without the "a", PTX of an older arch JIT-compiled)
-// when it holds the stub's static shared-memory marker. Then this returns
+// The kernel has a body only where it was compiled for sm_90a. When the device runs any other
+// image (a 9.0 target without the "a", PTX of an older arch JIT-compiled) this returns
 // cudaErrorNoKernelImageForDevice without launching, and the dispatcher falls back to the
-// mma.sync kernel. (A function-attribute query: allowed during CUDA graph capture.)
+// mma.sync kernel.
 template <typename Tr>
 cudaError_t launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
-  static const bool built_for_sm90a = [] {
-    cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, &flash_fwd_sm90_kernel<Tr>) == cudaSuccess && attr.binaryVersion >= 90 &&
-           attr.sharedSizeBytes == 0;
-  }();
-  if (!built_for_sm90a) {
-    cudaGetLastError();  // a failed attribute query must not leak into the next launch check
-    return cudaErrorNoKernelImageForDevice;
-  }
+  if (!device_runs_sm90a()) return cudaErrorNoKernelImageForDevice;
   const dim3 grid((params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, params.nheads, params.batch);
   return launch_with_dynamic_smem(&flash_fwd_sm90_kernel<Tr>, grid, Tr::kNThreads, Tr::kSmemBytes, stream, params);
 }

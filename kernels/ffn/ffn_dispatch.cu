@@ -10,10 +10,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "../common/philox.cuh"
+#include "../common/sm90a_image.h"
 #include "ffn_params.h"
 #include "ffn_sm90.h"
 
@@ -58,37 +58,6 @@ cudaError_t dispatch_kind(const FfnGemmParams& params, cudaStream_t stream) {
 }
 
 #ifdef FASTATTN_HAVE_CUTLASS
-// Static shared memory exists only in this kernel's sm_90a image, so its attributes tell,
-// without a launch (capture-safe), which image the driver picked for the current device.
-__global__ void _ffn_sm90a_probe_kernel(int* out) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __shared__ int mark[32];
-  mark[threadIdx.x % 32] = static_cast<int>(threadIdx.x);
-  __syncthreads();
-  out[threadIdx.x] = mark[(threadIdx.x + 1) % 32];
-#endif
-}
-
-constexpr int kMaxDevices = 64;
-
-bool device_runs_sm90a() {
-  static std::atomic<int8_t> known[kMaxDevices];  // 0 unknown, 1 yes, -1 no
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
-    cudaGetLastError();
-    return false;
-  }
-  int8_t state = known[device].load(std::memory_order_relaxed);
-  if (state == 0) {
-    cudaFuncAttributes attr{};
-    const bool yes = cudaFuncGetAttributes(&attr, _ffn_sm90a_probe_kernel) == cudaSuccess && attr.sharedSizeBytes > 0;
-    cudaGetLastError();  // a device without a loadable image is an answer, not an error
-    state = yes ? 1 : -1;
-    known[device].store(state, std::memory_order_relaxed);
-  }
-  return state > 0;
-}
-
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 bool sm90_operands_ok(const FfnGemmParams& p) {
