@@ -8,6 +8,9 @@
 - :func:`check_cuda` compiles every ``kernels/**/*.cu`` alone with nvcc for sm_80 and sm_90a
   (no GPU needed) and reports per kernel and arch the registers, static shared memory, spill
   bytes and whether the SASS holds tensor-core instructions (``fastattn build --check-cuda``).
+- :func:`load_cpu_extension` compiles ``csrc/cpu/*.cpp`` (g++ only: no nvcc, no CUDA torch) into
+  ``fastattn_cpu``, the ``cpu`` backend's kernels, with the host's vector ISA (AVX-512, AVX2 or
+  none, from ``/proc/cpuinfo``) and OpenMP; cached the same way, in a folder of its own.
 - :func:`build` is the entry point of ``fastattn build``.
 """
 
@@ -333,6 +336,163 @@ def _register_python_ops() -> None:
         except ModuleNotFoundError as err:
             if err.name == f"fastattn.cuda.{op}":
                 continue  # that op has no CUDA implementation
+            raise
+        register = getattr(module, "register_python_ops", None)
+        if register is not None:
+            register()
+
+
+# --------------------------------------------------------------------------------------------
+# CPU extension (the ``cpu`` backend): g++ and OpenMP only
+# --------------------------------------------------------------------------------------------
+CPU_DIR = CSRC_DIR / "cpu"
+CPU_EXTENSION_NAME = "fastattn_cpu"
+#: Op modules of the cpu backend that may define ``register_python_ops()``.
+CPU_OP_MODULES = ("attention", "norm", "ffn")
+#: Vector ISAs in order of preference: (name, /proc/cpuinfo flags needed, compiler flags, the
+#: ATen define that selects ``at::vec::Vectorized``'s implementation).
+_CPU_ISAS = (
+    ("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
+     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"), "AVX512"),
+    ("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), "AVX2"),
+)
+CPU_ISA_ENV = "FASTATTN_CPU_ISA"
+
+
+def cpu_sources() -> list[Path]:
+    return sorted(CPU_DIR.glob("*.cpp"))
+
+
+def _cpu_header_sources() -> list[Path]:
+    return sorted(CPU_DIR.glob("*.h"))
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo_flags() -> frozenset:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_isa() -> str:
+    """The vector ISA the CPU extension is compiled for: ``FASTATTN_CPU_ISA`` (avx512, avx2 or
+    scalar) if set, else the best one this processor has (scalar when none is known)."""
+    forced = os.environ.get(CPU_ISA_ENV, "").strip().lower()
+    names = [name for name, _, _, _ in _CPU_ISAS] + ["scalar"]
+    if forced:
+        if forced not in names:
+            raise ValueError(f"{CPU_ISA_ENV} must be one of {names}, got {forced!r}")
+        return forced
+    flags = _cpuinfo_flags()
+    for name, needed, _, _ in _CPU_ISAS:
+        if all(flag in flags for flag in needed):
+            return name
+    return "scalar"
+
+
+def cpu_compile_flags(isa: Optional[str] = None) -> list[str]:
+    """g++ flags of the CPU extension for ``isa`` (default: :func:`cpu_isa`)."""
+    isa = cpu_isa() if isa is None else isa
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-DFASTATTN_CPU_ISA_" + isa.upper()]
+    for name, _, compile_flags, aten_define in _CPU_ISAS:
+        if name == isa:
+            flags += [*compile_flags, f"-DCPU_CAPABILITY={aten_define}", f"-DCPU_CAPABILITY_{aten_define}"]
+    return flags
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_toolchain_reasons() -> tuple[str, ...]:
+    from torch.utils import cpp_extension
+
+    reasons = []
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        reasons.append(f"no C++ compiler: {compiler!r} is not on PATH (install g++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        reasons.append("ninja is not installed (pip install ninja)")
+    if not cpu_sources():
+        reasons.append(f"CPU sources not found under {CPU_DIR}")
+    return tuple(reasons)
+
+
+def cpu_toolchain_reasons() -> list[str]:
+    """Why the CPU extension cannot be built here at all (empty: it can be attempted)."""
+    return list(_cpu_toolchain_reasons())
+
+
+def cpu_build_directory(isa: str) -> Path:
+    tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"cpu_torch{torch.__version__}_py{sys.version_info.major}"
+                 f"{sys.version_info.minor}_{isa}")
+    return cache_root() / tag
+
+
+_cpu_state = _LoadState()
+
+
+def load_cpu_extension(verbose: bool = False) -> Optional[str]:
+    """Build (if needed) and load the CPU extension once per process. Returns None when its
+    ``torch.ops.fastattn.cpu_*`` ops are ready, else the reason they are not."""
+    with _state_lock:
+        if _cpu_state.library is None and _cpu_state.reason is None:
+            _cpu_state.library, _cpu_state.reason = _build_and_load_cpu(verbose)
+            if _cpu_state.library is not None:
+                _register_cpu_python_ops()
+        return _cpu_state.reason
+
+
+def cpu_extension_path() -> Optional[str]:
+    """The loaded CPU library's path (None until load_cpu_extension succeeded)."""
+    return _cpu_state.library
+
+
+def _build_and_load_cpu(verbose: bool) -> tuple[Optional[str], Optional[str]]:
+    reasons = cpu_toolchain_reasons()
+    if reasons:
+        return None, "; ".join(reasons)
+    from torch.utils import cpp_extension
+
+    isa = cpu_isa()
+    directory = cpu_build_directory(isa)
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / f"{CPU_EXTENSION_NAME}.so"
+    with _file_lock(directory / "fastattn.lock"):
+        stale = not library.exists() or any(
+            p.stat().st_mtime > library.stat().st_mtime for p in [*cpu_sources(), *_cpu_header_sources()])
+        if stale:
+            print(f"fastattn: building the CPU extension ({isa}) in {directory} (first use or changed "
+                  "sources; about a minute)...", file=sys.stderr, flush=True)
+        try:
+            path = cpp_extension.load(
+                name=CPU_EXTENSION_NAME,
+                sources=[str(p) for p in cpu_sources()],
+                extra_cflags=cpu_compile_flags(isa),
+                extra_ldflags=["-fopenmp"],
+                extra_include_paths=[str(CSRC_DIR)],
+                build_directory=str(directory),
+                verbose=verbose,
+                with_cuda=False,
+                is_python_module=False,
+            )
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            (directory / "build_error.log").write_text(str(err))
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return None, f"building the CPU extension failed: {first_line} (full log: {directory / 'build_error.log'})"
+    return str(path), None
+
+
+def _register_cpu_python_ops() -> None:
+    """Fake tensors (and autograd where defined) of each op, from its module in fastattn.cpu."""
+    for op in CPU_OP_MODULES:
+        try:
+            module = importlib.import_module(f"fastattn.cpu.{op}")
+        except ModuleNotFoundError as err:
+            if err.name == f"fastattn.cpu.{op}":
+                continue
             raise
         register = getattr(module, "register_python_ops", None)
         if register is not None:

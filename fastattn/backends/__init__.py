@@ -6,8 +6,8 @@ with the signatures documented in ``fastattn/ops/<op>.py``; it may add per-call 
 ``not_supported_reasons(inputs, options)`` function. The machine-level checks (is triton
 importable, is there a GPU, did the CUDA extension build) live in the :class:`Backend` objects
 below. Selection order for ``backend=None``: cuda (once verified on hardware), triton,
-reference; an explicit choice (argument, :func:`use_backend`, ``FASTATTN_BACKEND``) that cannot
-serve raises :class:`BackendNotSupportedError` listing why.
+cpu (CPU tensors), reference; an explicit choice (argument, :func:`use_backend`,
+``FASTATTN_BACKEND``) that cannot serve raises :class:`BackendNotSupportedError` listing why.
 """
 
 from __future__ import annotations
@@ -92,6 +92,20 @@ def _import_op_module(package: str, op: str) -> Optional[ModuleType]:
         raise
 
 
+class CpuBackend(Backend):
+    name = "cpu"
+    package = "fastattn.cpu"
+    description = "C++ kernels for CPU tensors (OpenMP, AVX-512/AVX2), JIT-built with g++ and ninja"
+
+    def availability_reasons(self) -> list[str]:
+        from fastattn import cpu
+
+        return cpu.availability_reasons()
+
+    def device_reasons(self, device: torch.device, explicit: bool) -> list[str]:
+        return [] if device.type == "cpu" else [f"tensors on {device.type} (needs cpu)"]
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     package = "fastattn.reference"
@@ -147,7 +161,7 @@ class CudaBackend(Backend):
 
 
 #: Priority order for ``backend=None``.
-_BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), ReferenceBackend())}
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend())}
 
 
 def get_backend(name: str) -> Backend:
@@ -195,7 +209,7 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force a backend for the calls inside the block.
 
     Arguments:
-        name: "triton", "cuda", "reference", or None (automatic choice inside the block). An
+        name: "triton", "cuda", "cpu", "reference", or None (automatic choice inside the block). An
             unknown name raises ValueError at once; a backend that cannot serve a call inside
             the block raises BackendNotSupportedError at that call, with the reasons.
     """
