@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -108,11 +109,42 @@ void set_masks(FlashAttnParams& p, const at::Tensor& q, const std::optional<at::
   }
 }
 
+// flash-attn 2 extras. Window: causal is its right edge at the diagonal; a side at least as long
+// as both sequences reaches every key, so it becomes unbounded (which also keeps the kernels'
+// index arithmetic in int range and lets such calls use the sm_90a forward). Softcap in the
+// kernels' raw-score units. ALiBi slopes (H,) or (B, H) fp32, read with batch stride 0 for (H,).
+void set_extras(FlashAttnParams& p, const at::Tensor& q, int64_t window_left, int64_t window_right, double softcap,
+                const std::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window_left and window_right must be >= -1 (-1 = unbounded), got ",
+              window_left, " and ", window_right);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "softcap must be a finite float >= 0 (0 = off), got ", softcap);
+  const int64_t longest = std::max(p.seqlen_q, p.seqlen_k);
+  p.window_left = window_left >= longest ? -1 : static_cast<int>(window_left);
+  p.window_right = p.is_causal ? 0 : window_right >= longest ? -1 : static_cast<int>(window_right);
+  p.softcap_raw = softcap > 0.0 ? static_cast<float>(softcap / p.softmax_scale) : 0.f;
+  p.softcap_scale = softcap > 0.0 ? static_cast<float>(p.softmax_scale / softcap) : 0.f;
+  p.alibi_slopes = nullptr;
+  p.alibi_batch_stride = 0;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& slopes = *alibi_slopes;
+    CHECK_SAME_DEVICE(slopes, q);
+    TORCH_CHECK(slopes.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", slopes.scalar_type());
+    const bool per_head = slopes.dim() == 1 && slopes.size(0) == p.nheads;
+    TORCH_CHECK(per_head || (slopes.dim() == 2 && slopes.size(0) == p.batch && slopes.size(1) == p.nheads),
+                "alibi_slopes must have shape (nheads,) = (", p.nheads, ",) or (batch, nheads) = (", p.batch, ", ",
+                p.nheads, "), got ", slopes.sizes());
+    TORCH_CHECK(slopes.stride(-1) == 1 || p.nheads == 1, "alibi_slopes must have a unit head stride");
+    p.alibi_slopes = slopes.data_ptr<float>();
+    p.alibi_batch_stride = per_head ? 0 : slopes.stride(0);
+  }
+}
+
 // Everything but the outputs; q, k, v are the (padded, aligned) kernel operands.
 void set_common(FlashAttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& attn_mask,
                 int64_t head_dim, double softmax_scale, bool causal, bool causal_top_left, double dropout_p,
-                int64_t seed, int64_t offset) {
+                int64_t seed, int64_t offset, int64_t window_left, int64_t window_right, double softcap,
+                const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0.0, "softmax_scale must be positive, got ",
               softmax_scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
@@ -145,6 +177,7 @@ void set_common(FlashAttnParams& p, const at::Tensor& q, const at::Tensor& k, co
   p.offset = static_cast<uint64_t>(offset);
   p.dtype = kernel_dtype(q.scalar_type(), "q");
   set_masks(p, q, key_padding_mask, attn_mask);
+  set_extras(p, q, window_left, window_right, softcap, alibi_slopes);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -152,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
                                                  const std::optional<at::Tensor>& key_padding_mask,
                                                  const std::optional<at::Tensor>& attn_mask, double softmax_scale,
                                                  bool causal, bool causal_top_left, double dropout_p, int64_t seed,
-                                                 int64_t offset) {
+                                                 int64_t offset, int64_t window_left, int64_t window_right,
+                                                 double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   check_qkv(q_in, k_in, v_in);
   c10::cuda::CUDAGuard device_guard(q_in.device());
   const int64_t head_dim = q_in.size(3);
@@ -166,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
 
   FlashFwdParams p{};
   set_common(p, q, k, v, key_padding_mask, attn_mask, padded_dim, softmax_scale, causal, causal_top_left, dropout_p,
-             seed, offset);
+             seed, offset, window_left, window_right, softcap, alibi_slopes);
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0);
   p.o_row_stride = out.stride(1);
@@ -180,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, double softmax_scale, bool causal, bool causal_top_left,
-    double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+    double dropout_p, int64_t seed, int64_t offset, bool deterministic, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   check_qkv(q_in, k_in, v_in);
   CHECK_SAME_DEVICE(dout_in, q_in);
   CHECK_SAME_DEVICE(out_in, q_in);
@@ -214,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   FlashBwdParams p{};
   set_common(p, q, k, v, key_padding_mask, attn_mask, padded_dim, softmax_scale, causal, causal_top_left, dropout_p,
-             seed, offset);
+             seed, offset, window_left, window_right, softcap, alibi_slopes);
   p.out = out.data_ptr();
   p.dout = dout.data_ptr();
   p.o_batch_stride = out.stride(0);

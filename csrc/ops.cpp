@@ -5,15 +5,19 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastattn, m) {
-  // Attention, flash layout (B, L, H, D); lse (B, H, Lq) fp32.
+  // Attention, flash layout (B, L, H, D); lse (B, H, Lq) fp32. flash-attn 2 extras last, with
+  // defaults that turn them off: window (left, right), -1 = unbounded (causal sets right to 0);
+  // softcap > 0 caps the scaled scores with tanh; alibi_slopes (H,) or (B, H) fp32.
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_mask, "
-      "float softmax_scale, bool causal, bool causal_top_left, float dropout_p, int seed, int offset) "
+      "float softmax_scale, bool causal, bool causal_top_left, float dropout_p, int seed, int offset, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? attn_mask, float softmax_scale, bool causal, "
-      "bool causal_top_left, float dropout_p, int seed, int offset, bool deterministic) "
+      "bool causal_top_left, float dropout_p, int seed, int offset, bool deterministic, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
 
   // Residual + LayerNorm/RMSNorm on rows (M, N). h: (M, N) h_dtype, or (0,) when store_h is

@@ -109,6 +109,11 @@ def baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[
     kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * options.softmax_scale
+    if options.softcap > 0:
+        scores = torch.tanh(scores / options.softcap) * options.softcap
+    bias = reference.alibi_bias(inputs, options, scores.dtype)
+    if bias is not None:
+        scores = scores + bias
     if inputs.attn_mask is not None and inputs.attn_mask.dtype != torch.bool:
         scores = scores + inputs.attn_mask.to(scores.dtype)
     allowed = reference.allowed_mask(inputs, options)

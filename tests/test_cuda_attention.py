@@ -64,15 +64,29 @@ class Case(AttentionCase):
     seqlen_q: int = 70
     seqlen_k: int = 133
     packed: bool = False  # q, k, v are strided views of one packed (B, L, 3, H, D) tensor
+    window: tuple = (-1, -1)  # flash-attn's window_size (left, right), -1 = unbounded
+    softcap: float = 0.0
+    alibi: Optional[str] = None  # slopes "h" (H,) or "bh" (B, H)
 
     def _flags(self) -> tuple:
-        return super()._flags() + (("packed", self.packed),)
+        return super()._flags() + (
+            ("packed", self.packed), (f"win{self.window[0]}_{self.window[1]}", self.window != (-1, -1)),
+            (f"cap{self.softcap}", self.softcap > 0), (f"alibi-{self.alibi}", self.alibi is not None))
 
 
 def make_inputs(case: Case, device: str):
     """The shared builder with forced dead rows: kpm batch 0, one all-False bool-mask row, one
-    fully -inf float-mask row."""
-    return _make_inputs(case, device, dead_rows=True)
+    fully -inf float-mask row; plus the case's window (causal sets right to 0, as the public
+    function does), softcap and ALiBi slopes."""
+    inputs, options, rng = _make_inputs(case, device, dead_rows=True)
+    slopes = None
+    if case.alibi is not None:
+        shape = (case.heads,) if case.alibi == "h" else (case.batch, case.heads)
+        slopes = torch.rand(shape, device=device) * 0.5 + 0.05
+    inputs = dataclasses.replace(inputs, alibi_slopes=slopes)
+    options = dataclasses.replace(options, window_left=case.window[0],
+                                  window_right=0 if case.causal else case.window[1], softcap=case.softcap)
+    return inputs, options, rng
 
 
 def _baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[torch.Tensor], dout: torch.Tensor):
@@ -89,7 +103,7 @@ def check_case(runner: Runner, inputs: AttentionInputs, options: AttentionOption
     dout = torch.randn(inputs.q.shape, device=inputs.device, dtype=inputs.dtype)
     out, lse, (dq, dk, dv) = runner(inputs, options, rng, dout)
     keep = cattn.dropout_mask(inputs, options, rng)
-    inputs64 = _to64(inputs)
+    inputs64 = dataclasses.replace(_to64(inputs), alibi_slopes=inputs.alibi_slopes)
     out64, lse64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
     grads64 = reference.backward(dout.double(), out64, lse64, inputs64, options, rng, dropout_mask=keep)
     base_out, base_grads = _baseline(inputs, options, keep, dout)
@@ -227,11 +241,26 @@ class Emulator:
         return t if aligned else t.contiguous()
 
     @staticmethod
-    def _common(q, k, v, inputs: AttentionInputs, options: AttentionOptions, rng) -> dict:
+    def _extras(q, k, inputs: AttentionInputs, options: AttentionOptions) -> dict:
+        # csrc/attention.cpp set_extras: causal is the right edge 0, a side as long as both
+        # sequences is unbounded, softcap in raw-score units, (H,) slopes with batch stride 0.
+        longest = max(q.shape[1], k.shape[1])
+        slopes, cap, scale = inputs.alibi_slopes, options.softcap, options.softmax_scale
+        return dict(
+            window_left=-1 if options.window_left >= longest else options.window_left,
+            window_right=0 if options.causal else -1 if options.window_right >= longest else options.window_right,
+            softcap_raw=cap / scale if cap > 0 else 0.0, softcap_scale=scale / cap if cap > 0 else 0.0,
+            alibi_slopes=0 if slopes is None else slopes.data_ptr(),
+            alibi_batch_stride=0 if slopes is None or slopes.dim() == 1 else slopes.stride(0),
+        )
+
+    @classmethod
+    def _common(cls, q, k, v, inputs: AttentionInputs, options: AttentionOptions, rng) -> dict:
         kpm, mask = inputs.key_padding_mask, inputs.attn_mask
         mask_kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2 if mask.dtype == q.dtype else 3
         p = options.dropout_p
         return dict(
+            **cls._extras(q, k, inputs, options),
             q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
             q_batch_stride=q.stride(0), q_row_stride=q.stride(1), q_head_stride=q.stride(2),
             k_batch_stride=k.stride(0), k_row_stride=k.stride(1), k_head_stride=k.stride(2),
@@ -331,6 +360,48 @@ def test_emulated_kernels_match_reference(emulator, index):
     # Each case under one of the six emulation modes (cp.async at issue / at wait x lockstep /
     # lowest warp first / highest warp first), so all modes run over the grid.
     check_case(_emulated(emulator, index % 6), inputs, options, rng, expect_dead_rows=_has_dead_rows(case))
+
+
+# flash-attn 2 extras (issue 12) on the mma.sync kernels: each flag alone, then combined with
+# causal, GQA / MQA, masks, dropout, both dQ paths, large head dims and odd lengths. The windows
+# are narrow next to the lengths so key / query blocks are skipped on both sides.
+EXTRA_CASES = [
+    Case(window=(20, 10), seqlen_q=300, seqlen_k=300),
+    Case(window=(0, -1), seqlen_q=113, seqlen_k=203),
+    Case(window=(-1, 0), alignment="top_left", dtype=torch.bfloat16),  # causal spelled as a window
+    Case(window=(40, -1), causal=True, heads=4, heads_kv=2, seqlen_q=203, seqlen_k=300, deterministic=True),
+    Case(window=(3, 2), alignment="top_left", seqlen_q=131, seqlen_k=77),  # rows past Lk + 3: dead
+    Case(window=(16, 0), seqlen_q=1, seqlen_k=203, alibi="h"),  # one decoding query
+    Case(softcap=5.0),
+    Case(softcap=2.0, causal=True, head_dim=128, seqlen_q=45, seqlen_k=80, dtype=torch.bfloat16),
+    Case(alibi="h", heads=4, heads_kv=1),
+    Case(alibi="bh", batch=2, causal=True, alignment="top_left", dtype=torch.bfloat16, deterministic=True),
+    Case(alibi="h", softcap=10.0, window=(30, 10), kpm=True, mask="float32", dropout_p=0.125, batch=2,
+         seqlen_q=113, seqlen_k=203),
+    Case(head_dim=40, softcap=3.0, alibi="bh", window=(7, 7), heads=4, heads_kv=2, seqlen_q=7, seqlen_k=7),
+    Case(head_dim=192, softcap=8.0, window=(20, 0), alibi="bh", batch=2, seqlen_q=33, seqlen_k=70,
+         deterministic=True, dtype=torch.bfloat16),
+]
+
+
+def _extra_has_dead_rows(case: Case) -> bool:
+    return _has_dead_rows(case) or (case.window == (3, 2) and case.alignment == "top_left")
+
+
+@pytest.mark.parametrize("index", range(len(EXTRA_CASES)), ids=[str(c) for c in EXTRA_CASES])
+def test_emulated_window_softcap_alibi_match_reference(emulator, index):
+    case = EXTRA_CASES[index]
+    inputs, options, rng = make_inputs(case, "cpu")
+    check_case(_emulated(emulator, (index + 1) % 6), inputs, options, rng, expect_dead_rows=_extra_has_dead_rows(case))
+
+
+def test_emulated_sm90_refuses_window_softcap_alibi(emulator):
+    """The wgmma forward has none of the extras; fwd_uses_sm90 routes them to mma.sync, and the
+    emulated entry point refuses them like the dispatcher does."""
+    for case in (Case(window=(8, 8)), Case(softcap=4.0), Case(alibi="h")):
+        inputs, options, rng = make_inputs(case, "cpu")
+        with pytest.raises(AssertionError, match="not served by the sm90 kernel"):
+            emulator.forward(inputs, options, rng, sm90=True)
 
 
 def test_emulated_deterministic_matches_atomic_dq(emulator):
@@ -568,6 +639,28 @@ def test_forward_kernel_rule(monkeypatch):
     assert cattn.forward_kernel(0.0, (9, 0)) == cattn.SM90_WGMMA
     monkeypatch.setenv("FASTATTN_DISABLE_SM90_FWD", "1")
     assert cattn.forward_kernel(0.0, (9, 0)) == cattn.MMA_SYNC
+    monkeypatch.delenv("FASTATTN_DISABLE_SM90_FWD")
+    assert cattn.forward_kernel(0.0, (9, 0), extras=True) == cattn.MMA_SYNC  # window / softcap / ALiBi
+
+
+def test_uses_extras_mirrors_the_host_rule():
+    """csrc/attention.cpp: causal alone is no window, a side as long as both sequences is
+    unbounded (such calls may use the wgmma forward)."""
+    q = torch.randn(1, 50, 2, 64, dtype=torch.float16)
+    k = torch.randn(1, 80, 2, 64, dtype=torch.float16)
+    inputs = AttentionInputs(q, k, k)
+    base = AttentionOptions(softmax_scale=0.125)
+    assert not cattn.uses_extras(inputs, base)
+    assert not cattn.uses_extras(inputs, dataclasses.replace(base, causal=True, window_right=0))
+    assert not cattn.uses_extras(inputs, dataclasses.replace(base, window_left=80, window_right=1000))
+    assert cattn.uses_extras(inputs, dataclasses.replace(base, window_left=79))
+    assert cattn.uses_extras(inputs, dataclasses.replace(base, window_right=0))
+    assert cattn.uses_extras(inputs, dataclasses.replace(base, softcap=30.0))
+    assert cattn.uses_extras(dataclasses.replace(inputs, alibi_slopes=torch.ones(2)), base)
+    assert cattn.not_supported_reasons(inputs, dataclasses.replace(base, window_left=3, softcap=1.0)) == []
+    assert cattn.CAPABILITIES.not_supported_reasons(
+        dataclasses.replace(inputs, alibi_slopes=torch.ones(2)), dataclasses.replace(base, window_left=3, softcap=1.0)
+    ) == []
 
 
 def test_dropout_mask_is_the_philox_mirror():
@@ -603,6 +696,13 @@ GPU_CASES = EMU_CASES + [
     Case(batch=2, heads=4, heads_kv=4, seqlen_q=513, seqlen_k=513, head_dim=64, packed=True, dropout_p=0.25),
     Case(batch=1, heads=2, heads_kv=2, seqlen_q=4097, seqlen_k=4097, head_dim=64, causal=True,
          dtype=torch.bfloat16),
+] + EXTRA_CASES + [
+    Case(batch=2, heads=8, heads_kv=2, seqlen_q=1031, seqlen_k=1031, head_dim=128, window=(256, 0), softcap=30.0,
+         alibi="bh", dtype=torch.bfloat16),
+    Case(batch=2, heads=4, heads_kv=4, seqlen_q=509, seqlen_k=1024, head_dim=64, window=(100, 50), causal=True,
+         dropout_p=0.125),
+    Case(batch=1, heads=8, heads_kv=1, seqlen_q=777, seqlen_k=777, head_dim=256, softcap=50.0, alibi="h",
+         deterministic=True),
 ]
 
 
@@ -656,6 +756,42 @@ def test_gpu_sm90_forward_matches_reference_and_mma_sync(case, monkeypatch):
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_mma))
     live = ~torch.isneginf(lse64)
     assert (lse[live].double() - lse64[live]).abs().max().item() < 2e-3
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", [
+    Case(batch=2, heads=4, heads_kv=2, seqlen_q=700, seqlen_k=900, head_dim=128, window=(128, 64)),
+    Case(batch=2, heads=4, heads_kv=4, seqlen_q=513, seqlen_k=513, head_dim=64, softcap=20.0, causal=True),
+    Case(batch=2, heads=4, heads_kv=1, seqlen_q=300, seqlen_k=300, head_dim=256, alibi="h", dtype=torch.bfloat16),
+], ids=str)
+def test_gpu_extras_run_on_mma_sync(case, monkeypatch):
+    """Window / softcap / ALiBi never take the wgmma forward (fwd_uses_sm90): the result is the
+    mma.sync kernel's, bit for bit, on any device."""
+    inputs, options, rng = make_inputs(case, "cuda")
+    assert cattn.forward_kernel(0.0, torch.cuda.get_device_capability(), cattn.uses_extras(inputs, options)) == (
+        cattn.MMA_SYNC)
+    monkeypatch.delenv("FASTATTN_DISABLE_SM90_FWD", raising=False)
+    out, lse = cattn.forward(inputs, options, rng)
+    monkeypatch.setenv("FASTATTN_DISABLE_SM90_FWD", "1")
+    out_mma, lse_mma = cattn.forward(inputs, options, rng)
+    assert torch.equal(out, out_mma) and torch.equal(lse, lse_mma)
+
+
+@requires_cuda
+def test_gpu_public_api_extras():
+    """flash_attention(window_size, softcap, alibi_slopes, backend="cuda") against the reference."""
+    q, k, v = (torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(2, 4, device="cuda") * 0.3
+    kwargs = dict(causal=True, window_size=(50, 7), softcap=15.0, alibi_slopes=slopes)
+    out = fastattn.flash_attention(q, k, v, backend="cuda", **kwargs)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = fastattn.flash_attention(q64, k64, v64, backend="reference", **kwargs)
+    grads64 = torch.autograd.grad(out64, (q64, k64, v64), dout.double())
+    torch.testing.assert_close(out.double(), out64, atol=2e-3, rtol=2e-3)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, atol=1e-2, rtol=1e-2)
 
 
 @requires_cuda
@@ -739,3 +875,10 @@ def test_gpu_opcheck():
         utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
         torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, bwd_args,
                               test_utils=utils if deterministic else ("test_schema", "test_faketensor"))
+    # The extras (window, softcap, ALiBi (B, H)) through the schema, the fakes and the autograd.
+    extras = (10, 3, 5.0, torch.rand(2, 4, device="cuda"))
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args + extras)
+    out, lse = torch.ops.fastattn.attention_fwd(*args, *extras)
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, kpm, None, 36 ** -0.5, True, False, 0.0,
+                0, 0, True, *extras)
+    torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, bwd_args)

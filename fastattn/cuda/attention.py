@@ -7,10 +7,10 @@ Kernels (kernels/attention/, design and expected figures in docs/cuda_attention.
   (``wgmma``) on sm_90a, 128 query rows per CTA in 2 warpgroups, ``S = Q K^T`` with both
   operands in 128-byte-swizzled shared memory, ``O += P V`` with P from registers, the softmax
   of one key block overlapping the P V of the previous one. It serves the forward on a
-  compute-capability 9.x GPU when there is no dropout (head-dim buckets 64, 128, 256;
-  :func:`forward_kernel`, the rule of ``kernels/attention/flash_api.cu``);
-  ``FASTATTN_DISABLE_SM90_FWD=1`` turns it off.
-- everything else (sm_80+, dropout, the whole backward): warp-level
+  compute-capability 9.x GPU when there is no dropout, sliding window, softcap or ALiBi
+  (head-dim buckets 64, 128, 256; :func:`forward_kernel`, the rule of
+  ``kernels/attention/flash_api.cu``); ``FASTATTN_DISABLE_SM90_FWD=1`` turns it off.
+- everything else (sm_80+, dropout, window / softcap / ALiBi, the whole backward): warp-level
   ``mma.sync.m16n8k16`` (fp32 accumulation) fed by ``ldmatrix`` from shared memory and
   ``cp.async`` tile loads, one code path for sm_80 and sm_90.
 
@@ -30,6 +30,12 @@ Both forward kernels return the same out and fp32 lse, so the backward does not 
   any seqlen_q / seqlen_k; causal bottom-right or top-left; GQA / MQA; key_padding_mask;
   attn_mask bool / q's dtype / fp32 with any strides (0 = broadcast); dropout from
   kernels/common/philox.cuh; rows that see no key give 0, lse -inf and zero gradients.
+- flash-attn 2 extras (issue 12), forward and backward, mma.sync kernels: sliding window as a
+  generalisation of the causal band (key blocks outside it skipped on both sides, causal = right
+  edge 0); softcap ``c * tanh(scale * q.k / c)`` on the fp32 scores, dS times ``1 - tanh^2``
+  (tanh recomputed from S); ALiBi ``-slope[b, h] * |i + shift - j|`` from (H,) or (B, H) fp32
+  slopes, added in the mask pass. All three are runtime data (no extra kernel instantiations).
+  Not served here: variable-length batches and KV-cache decoding (the triton backend serves them).
 
 Casting points: q, k, v, dO are read in their dtype; S, dP, O, dK, dV, dQ accumulate in fp32;
 P and dS are rounded to the input dtype as mma operands; out, dq, dk, dv are rounded when
@@ -55,7 +61,9 @@ from fastattn.options import AttentionInputs, AttentionOptions, RngState
 
 # float32 is not served: the kernels are fp16 / bf16 tensor-core kernels (mma.sync
 # m16n8k16); the triton backend serves float32.
-CAPABILITIES = AttentionCapabilities(dtypes=HALF_DTYPES, min_head_dim=1, max_head_dim=256)
+CAPABILITIES = AttentionCapabilities(
+    dtypes=HALF_DTYPES, min_head_dim=1, max_head_dim=256, window=True, softcap=True, alibi=True
+)
 
 # Batch and heads are grid dimensions z and y (csrc/attention.cpp).
 _MAX_GRID_YZ = 65535
@@ -81,15 +89,25 @@ SM90_WGMMA = "sm90_wgmma"
 MMA_SYNC = "mma_sync"
 
 
-def forward_kernel(dropout_p: float, capability: tuple[int, int]) -> str:
+def forward_kernel(dropout_p: float, capability: tuple[int, int], extras: bool = False) -> str:
     """Which forward kernel serves a call (``fwd_uses_sm90`` in kernels/attention/flash_api.cu):
-    the wgmma kernel on a 9.x device without dropout (every head dim up to 256), unless
+    the wgmma kernel on a 9.x device without dropout and without ``extras`` (a sliding window,
+    softcap or ALiBi: :func:`uses_extras`), every head dim up to 256, unless
     ``FASTATTN_DISABLE_SM90_FWD`` is set (and not "0"); the mma.sync kernel otherwise, also when
     the extension was built without sm_90a code (the launcher then falls back)."""
     disabled = os.environ.get("FASTATTN_DISABLE_SM90_FWD", "") not in ("", "0")
-    if capability[0] == 9 and dropout_p == 0.0 and not disabled:
+    if capability[0] == 9 and dropout_p == 0.0 and not extras and not disabled:
         return SM90_WGMMA
     return MMA_SYNC
+
+
+def uses_extras(inputs: AttentionInputs, options: AttentionOptions) -> bool:
+    """Whether a call has a sliding window, softcap or ALiBi, as csrc/attention.cpp sees it: a
+    window side at least as long as both sequences is unbounded, causal alone is no window."""
+    longest = max(inputs.seqlen_q, inputs.seqlen_k)
+    window = 0 <= options.window_left < longest or (
+        not options.causal and 0 <= options.window_right < longest)
+    return window or options.softcap > 0 or inputs.alibi_slopes is not None
 
 
 def _dropout_args(options: AttentionOptions, rng: Optional[RngState]) -> tuple[float, int, int]:
@@ -119,6 +137,7 @@ def forward(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[Rn
     return torch.ops.fastattn.attention_fwd(
         inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, options.softmax_scale,
         options.causal, options.causal_alignment == "top_left", p, seed, offset,
+        options.window_left, options.window_right, options.softcap, inputs.alibi_slopes,
     )
 
 
@@ -136,7 +155,7 @@ def backward(
     return torch.ops.fastattn.attention_bwd(
         dout, inputs.q, inputs.k, inputs.v, out, lse, inputs.key_padding_mask, inputs.attn_mask,
         options.softmax_scale, options.causal, options.causal_alignment == "top_left", p, seed, offset,
-        options.deterministic,
+        options.deterministic, options.window_left, options.window_right, options.softcap, inputs.alibi_slopes,
     )
 
 
@@ -144,34 +163,37 @@ def backward(
 # Fake tensors and autograd of the ops (torch.compile, opcheck, direct torch.ops use)
 # --------------------------------------------------------------------------------------------
 def _attention_fwd_fake(q, k, v, key_padding_mask, attn_mask, softmax_scale, causal, causal_top_left, dropout_p,
-                        seed, offset):
+                        seed, offset, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
     b, lq, h, d = q.shape
     return q.new_empty((b, lq, h, d)), q.new_empty((b, h, lq), dtype=torch.float32)
 
 
 def _attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, attn_mask, softmax_scale, causal,
-                        causal_top_left, dropout_p, seed, offset, deterministic):
+                        causal_top_left, dropout_p, seed, offset, deterministic, window_left=-1, window_right=-1,
+                        softcap=0.0, alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, attn_mask, *scalars = inputs
+    q, k, v, key_padding_mask, attn_mask, *scalars, window_left, window_right, softcap, alibi_slopes = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, out, lse)
+    ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, alibi_slopes, out, lse)
     ctx.scalars = tuple(scalars)  # softmax_scale, causal, causal_top_left, dropout_p, seed, offset
+    ctx.extras = (window_left, window_right, softcap)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     # Deterministic dQ: direct torch.ops users (torch.compile, opcheck) get reproducible
     # gradients; the public API goes through fastattn.ops and honours options.deterministic.
-    q, k, v, key_padding_mask, attn_mask, out, lse = ctx.saved_tensors
+    q, k, v, key_padding_mask, attn_mask, alibi_slopes, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.fastattn.attention_bwd(
-        dout.contiguous(), q, k, v, out, lse, key_padding_mask, attn_mask, *ctx.scalars, True,
+        dout.contiguous(), q, k, v, out, lse, key_padding_mask, attn_mask, *ctx.scalars, True, *ctx.extras,
+        alibi_slopes,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, *([None] * 12)
 
 
 @functools.lru_cache(maxsize=None)

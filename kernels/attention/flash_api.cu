@@ -32,11 +32,12 @@ int device_major() { return device_attribute<cudaDevAttrComputeCapabilityMajor>(
 
 int device_sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
-// The forward kernel rule: the sm_90a wgmma kernel serves a 9.x device without dropout
-// (head-dim buckets 64 / 128 / 256), unless FASTATTN_DISABLE_SM90_FWD=1 (A/B measurements);
-// everything else, and a build without sm_90a code, runs the mma.sync kernel.
+// The forward kernel rule: the sm_90a wgmma kernel serves a 9.x device without dropout, sliding
+// window, softcap or ALiBi (head-dim buckets 64 / 128 / 256), unless FASTATTN_DISABLE_SM90_FWD=1
+// (A/B measurements); everything else, and a build without sm_90a code, runs the mma.sync kernel.
 bool fwd_uses_sm90(const FlashFwdParams& params) {
-  if (params.is_dropout || device_major() != 9) return false;
+  if (params.is_dropout || params.has_window() || params.has_softcap() || params.alibi_slopes != nullptr) return false;
+  if (device_major() != 9) return false;
   const char* disable = std::getenv("FASTATTN_DISABLE_SM90_FWD");  // read per call: tests toggle it
   return disable == nullptr || std::strcmp(disable, "") == 0 || std::strcmp(disable, "0") == 0;
 }

@@ -4,8 +4,9 @@
 //   2. flash_bwd_dkdv_kernel: one CTA per (key block, batch, kv head, split); loops over the
 //      query heads of its GQA group (its contiguous share of them when num_splits > 1) and over
 //      the query blocks, with dK and dV in fp32 registers:
-//        S^T = K Q^T, dP^T = V dO^T (fp32) -> P^T = exp2(S^T scale log2(e) - lse log2(e)),
-//        dS^T = P^T (dP^T - delta)
+//        S^T = K Q^T, dP^T = V dO^T (fp32) -> softcap, mask, ALiBi ->
+//        P^T = exp2(S^T scale log2(e) - lse log2(e)), dS^T = P^T (dP^T - delta) (x 1 - tanh^2
+//        under softcap, tanh recomputed from S as flash-attn does)
 //        dV += P^T dO, dK += dS^T Q (P^T and dS^T reused in registers as A operands).
 //      Each warp owns 16 keys and (kSplitD > 1, large head dims) a slice of the head dim;
 //      the warps of one slice group recompute the same S^T / dP^T to keep the accumulators
@@ -14,6 +15,8 @@
 //      With num_splits > 1 each CTA stores its fp32 dK / dV partial instead of dK / dV.
 //   3. flash_bwd_dq_kernel (deterministic mode): one CTA per query block, loops over the key
 //      blocks: S, dP, dS as in the forward layout, dQ += dS K in registers, no atomics.
+//   Both kernels visit only the blocks of the causal / window band (query_block_range,
+//   key_block_range); softcap, window and ALiBi are runtime data, not template flags.
 //   4. flash_bwd_reduce_dkdv_kernel (num_splits > 1): dK, dV = sum of the partials in split
 //      order (deterministic), cast.
 #pragma once
@@ -154,14 +157,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
   T* dk_ptr = static_cast<T*>(params.dk) + b * params.dk_batch_stride + hk * params.dk_head_stride;
   T* dv_ptr = static_cast<T*>(params.dv) + b * params.dv_batch_stride + hk * params.dv_head_stride;
 
-  // Query blocks that see at least one key of this block.
-  const int m_blocks = (Lq + BM - 1) / BM;
-  int m_begin = 0;
-  if (params.is_causal) {
-    const int first_query = n0 - params.causal_shift;  // first query that sees key n0
-    m_begin = first_query <= 0 ? 0 : first_query / BM;
-  }
-  const int m_count = m_blocks - m_begin;
+  // Query blocks that see at least one key of this block (the causal / window band).
+  const BlockRange m_range = query_block_range<BN, BM>(params, n0, (Lq + BM - 1) / BM);
+  const int m_begin = m_range.begin;
+  const int m_count = m_range.end - m_begin;
 
   float acc_dk[kST][4];
   float acc_dv[kST][4];
@@ -176,7 +175,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
 
   if (m_count > 0) {
     const int n_iters = n_heads * m_count;  // (query head of the split, query block) pairs
-    const bool has_element_mask = params.has_element_mask();
+    const bool has_softcap = params.has_softcap();
 
     // Issues the cp.async loads of Q / dO for iteration it into buffer buf and fills the
     // lse / delta rows with plain stores (made visible by the next block_sync).
@@ -266,9 +265,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
       }
 
       // Element (key j, query i): acc_s becomes P^T (x 1/(1-p) where kept, 0 where dropped:
-      // the operand of dV), acc_dp becomes dS^T = P^T (dP^T * Z - delta) (Z = keep / (1-p)).
-      const bool need_mask = has_element_mask || n0 + BN > Lk ||
-                             (params.is_causal && n0 + BN - 1 > m_start + params.causal_shift);
+      // the operand of dV), acc_dp becomes dS^T = P^T (dP^T * Z - delta) (Z = keep / (1-p)),
+      // times 1 - tanh^2 under softcap (tanh = the capped score * softcap_scale).
+      if (has_softcap) {
+#pragma unroll
+        for (int nt = 0; nt < kQT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[nt][e] = softcap_score(params, acc_s[nt][e]);
+        }
+      }
+      const bool need_mask = tile_needs_mask<BM, BN>(params, m_start, n0);
       const ScoreMask<T> mask(params, b, h);
       uint32_t keep_bits = 0;
       if constexpr (Tr::kIsDropout) {
@@ -282,17 +288,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
           const int j = n0 + kw * 16 + g + (e / 2) * 8;
           const int il = nt * 8 + 2 * tq + (e % 2);  // query row inside the block
           const int i = m_start + il;
-          const float x = need_mask ? mask.score(i, j, acc_s[nt][e]) : acc_s[nt][e];
+          const float s = acc_s[nt][e];
+          const float x = need_mask ? mask.score(i, j, s) : s;
           float p = fast_exp2(fmaf(x, params.scale_log2, -lse2[il]));
           float dp = acc_dp[nt][e];
+          float ds;
           if constexpr (Tr::kIsDropout) {
             const bool keep = (keep_bits >> (4 * nt + e)) & 1u;
             dp = keep ? dp * params.rp_dropout : 0.f;
-            acc_dp[nt][e] = p * (dp - delta[il]);
+            ds = p * (dp - delta[il]);
             p = keep ? p * params.rp_dropout : 0.f;
           } else {
-            acc_dp[nt][e] = p * (dp - delta[il]);
+            ds = p * (dp - delta[il]);
           }
+          if (has_softcap) {
+            const float t = s * params.softcap_scale;
+            ds *= 1.f - t * t;
+          }
+          acc_dp[nt][e] = ds;
           acc_s[nt][e] = p;
         }
       }
@@ -454,12 +467,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dq_kernel(const __
   const T* v_ptr = static_cast<const T*>(params.v) + b * params.v_batch_stride + hk * params.v_head_stride;
   T* dq_ptr = static_cast<T*>(params.dq) + b * params.dq_batch_stride + h * params.dq_head_stride;
 
-  const int n_blocks = (Lk + BN - 1) / BN;
-  int n_end = n_blocks;
-  if (params.is_causal) {
-    const int last_key = min(m0 + BM, Lq) - 1 + params.causal_shift;
-    n_end = last_key < 0 ? 0 : min(n_blocks, last_key / BN + 1);
-  }
+  const BlockRange blocks = key_block_range<BM, BN>(params, m0);
+  const int n_end = blocks.end;
 
   // This warp's two accumulator rows: lse (log2 units, +inf when the row is dead or past Lq).
   float lse2[2], delta[2];
@@ -483,15 +492,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dq_kernel(const __
     for (int e = 0; e < 4; ++e) acc_dq[dt][e] = 0.f;
   }
 
-  if (n_end > 0) {
+  if (n_end > blocks.begin) {
     const ScoreMask<T> mask(params, b, h);
-    const bool has_element_mask = params.has_element_mask();
+    const bool has_softcap = params.has_softcap();
     const uint64_t drop_row0 = (static_cast<uint64_t>(b) * params.nheads + h) * Lq;
 
     cp_async_tile<BM, D, kNThreads>(sQ, q_ptr, params.q_row_stride, Lq - m0, params.head_dim, tid);
     cp_async_tile<BM, D, kNThreads>(sdO, do_ptr, params.do_row_stride, Lq - m0, params.head_dim, tid);
-    cp_async_tile<BN, D, kNThreads>(sK, k_ptr, params.k_row_stride, Lk, params.head_dim, tid);
-    cp_async_tile<BN, D, kNThreads>(sV, v_ptr, params.v_row_stride, Lk, params.head_dim, tid);
+    const int k0 = blocks.begin * BN;
+    cp_async_tile<BN, D, kNThreads>(sK, k_ptr + k0 * params.k_row_stride, params.k_row_stride, Lk - k0,
+                                    params.head_dim, tid);
+    cp_async_tile<BN, D, kNThreads>(sV, v_ptr + k0 * params.v_row_stride, params.v_row_stride, Lk - k0,
+                                    params.head_dim, tid);
     cp_async_commit();
 
     const uint32_t sQ_addr = smem_u32(sQ);
@@ -500,8 +512,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dq_kernel(const __
     const int b_off = ((lane % 8) + (lane / 16) * 8) * kStride + ((lane / 8) % 2) * 8;
     const int bt_off = ((lane % 8) + ((lane / 8) % 2) * 8) * kStride + (lane / 16) * 8;
 
-    for (int n = 0; n < n_end; ++n) {
-      const int buf = n % 2;
+    for (int n = blocks.begin; n < n_end; ++n) {
+      const int buf = (n - blocks.begin) % 2;
       const int n0 = n * BN;
       if (n + 1 < n_end) {
         // Buffer buf ^ 1 was freed by the block_sync ending iteration n - 1.
@@ -547,9 +559,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dq_kernel(const __
         }
       }
 
-      // dS = P (dP * Z - delta), into acc_dp.
-      const bool need_mask = has_element_mask || n0 + BN > Lk ||
-                             (params.is_causal && n0 + BN - 1 > m0 + params.causal_shift);
+      // dS = P (dP * Z - delta) (x 1 - tanh^2 under softcap), into acc_dp.
+      if (has_softcap) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[nt][e] = softcap_score(params, acc_s[nt][e]);
+        }
+      }
+      const bool need_mask = tile_needs_mask<BM, BN>(params, m0, n0);
       uint32_t keep_bits[2] = {0u, 0u};
       if constexpr (Tr::kIsDropout) {
 #pragma unroll
@@ -567,11 +585,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dq_kernel(const __
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int e = 2 * half + c;
-            const float x = need_mask ? mask.score(i, j + c, acc_s[nt][e]) : acc_s[nt][e];
+            const float s = acc_s[nt][e];
+            const float x = need_mask ? mask.score(i, j + c, s) : s;
             const float p = fast_exp2(fmaf(x, params.scale_log2, -lse2[half]));
             float dp = acc_dp[nt][e];
             if constexpr (Tr::kIsDropout) dp = ((keep_bits[half] >> (2 * nt + c)) & 1u) ? dp * params.rp_dropout : 0.f;
-            acc_dp[nt][e] = p * (dp - delta[half]);
+            float ds = p * (dp - delta[half]);
+            if (has_softcap) {
+              const float t = s * params.softcap_scale;
+              ds *= 1.f - t * t;
+            }
+            acc_dp[nt][e] = ds;
           }
         }
       }

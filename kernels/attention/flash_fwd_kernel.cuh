@@ -1,9 +1,12 @@
 // FlashAttention-2 forward kernel on mma.sync m16n8k16 tensor cores (sm_80+).
 //
 // One CTA computes kBlockM query rows of one (batch, head); each warp owns 16 * kMTiles of
-// those rows, so the online softmax runs entirely in the accumulator registers. Per key block:
-//   S = Q K^T (fp32) -> mask -> row max / rescale (exp2) -> P (fp16/bf16, in registers)
-//   -> O += P V.   K of the next block loads while P V runs, V while Q K^T runs (cp.async).
+// those rows, so the online softmax runs entirely in the accumulator registers. Per key block
+// of the causal / window band (key_block_range: blocks outside it are skipped on both sides):
+//   S = Q K^T (fp32) -> softcap (tanh) -> mask + ALiBi -> row max / rescale (exp2)
+//   -> P (fp16/bf16, in registers) -> O += P V.
+// K of the next block loads while P V runs, V while Q K^T runs (cp.async). Softcap, window and
+// ALiBi are runtime data (uniform branches), not template flags: no extra instantiations.
 // Epilogue: O / rowsum (x 1/(1-p) with dropout) and lse = max * scale + log(rowsum), fp32.
 #pragma once
 
@@ -74,18 +77,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __gri
   T* o_ptr = static_cast<T*>(params.out) + b * params.o_batch_stride + h * params.o_head_stride;
   float* lse_ptr = params.lse + (static_cast<int64_t>(b) * params.nheads + h) * Lq;  // (Lq,) of (B, H, Lq)
 
-  const int n_end = causal_key_blocks<BM, BN>(params, m0);
-  if (n_end == 0) {
+  const BlockRange blocks = key_block_range<BM, BN>(params, m0);
+  const int n_end = blocks.end;
+  if (n_end <= blocks.begin) {
     store_empty_tile<BM, D, Tr::kNThreads>(params, o_ptr, lse_ptr, m0, tid);
     return;
   }
 
   const ScoreMask<T> mask(params, b, h);
-  const bool has_element_mask = params.has_element_mask();
   const uint64_t drop_row0 = (static_cast<uint64_t>(b) * params.nheads + h) * Lq;
 
   cp_async_tile<BM, D, Tr::kNThreads>(sQ, q_ptr, params.q_row_stride, Lq - m0, params.head_dim, tid);
-  cp_async_tile<BN, D, Tr::kNThreads>(sK, k_ptr, params.k_row_stride, Lk, params.head_dim, tid);
+  cp_async_tile<BN, D, Tr::kNThreads>(sK, k_ptr + blocks.begin * BN * params.k_row_stride, params.k_row_stride,
+                                      Lk - blocks.begin * BN, params.head_dim, tid);
   cp_async_commit();
 
   const uint32_t sQ_addr = smem_u32(sQ);
@@ -113,7 +117,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __gri
     }
   }
 
-  for (int n = 0; n < n_end; ++n) {
+  for (int n = blocks.begin; n < n_end; ++n) {
     const int n0 = n * BN;
     cp_async_wait<0>();
     block_sync();  // K[n] (and Q) landed for every thread; every warp is done reading V[n-1]
@@ -150,10 +154,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __gri
       }
     }
 
-    // Per-element masking only where the tile needs it (scores stay in raw units).
-    const bool need_mask = has_element_mask || n0 + BN > Lk ||
-                           (params.is_causal && n0 + BN - 1 > m0 + params.causal_shift);
-    if (need_mask) {
+    if (params.has_softcap()) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = softcap_score(params, acc_s[mt][nt][e]);
+        }
+      }
+    }
+
+    // Per-element masking (and ALiBi) only where the tile needs it (scores stay in raw units).
+    if (tile_needs_mask<BM, BN>(params, m0, n0)) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll

@@ -12,8 +12,8 @@
 // K and V each have a 2-stage ring filled by cp.async from all threads one block ahead:
 // K(n+1) and V(n) load while block n computes. The S accumulator layout is the m16n8 fragment
 // per warp, so masking, the exp2 softmax and the epilogue (O / l, lse) are those of the
-// mma.sync kernel (flash_fwd_kernel.cuh), with the same outputs. No dropout (the dispatcher
-// sends it to the mma.sync kernel).
+// mma.sync kernel (flash_fwd_kernel.cuh), with the same outputs. No dropout, sliding window,
+// softcap or ALiBi (the dispatcher sends those to the mma.sync kernel).
 #pragma once
 
 #include "flash_sm90_desc.h"
@@ -150,7 +150,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   T* o_ptr = static_cast<T*>(params.out) + b * params.o_batch_stride + h * params.o_head_stride;
   float* lse_ptr = params.lse + (static_cast<int64_t>(b) * params.nheads + h) * Lq;
 
-  const int n_end = causal_key_blocks<BM, BN>(params, m0);
+  // No window here (fwd_uses_sm90 routes window, softcap and ALiBi to the mma.sync kernel): the
+  // range starts at block 0.
+  const int n_end = key_block_range<BM, BN>(params, m0).end;
   if (n_end == 0) {
     store_empty_tile<BM, D, Tr::kNThreads>(params, o_ptr, lse_ptr, m0, tid);
     return;

@@ -50,8 +50,22 @@ struct FlashAttnParams {
   float softmax_scale;
   float scale_log2;  // softmax_scale * log2(e): the kernels work with exp2
 
-  bool is_causal;
-  int causal_shift;  // query i sees key j iff j <= i + causal_shift (Lk - Lq or 0)
+  bool is_causal;     // read by the sm_90a kernel; the mma.sync kernels read the window (below)
+  int causal_shift;  // the diagonal: Lk - Lq (bottom-right) or 0 (top-left), of causal, window and ALiBi
+  // Sliding window (flash-attn's window_size): query i sees key j iff
+  // i + causal_shift - window_left <= j <= i + causal_shift + window_right; -1 = unbounded on
+  // that side. The host sets window_right = 0 under causal, so the mma.sync kernels see causal
+  // as a window; their key-block loops skip the blocks outside it on both sides.
+  int window_left, window_right;
+
+  // Soft-capping of the scores (kernel units = raw q.k): s -> softcap_raw * tanh(s * softcap_scale)
+  // with softcap_raw = softcap / softmax_scale and softcap_scale = softmax_scale / softcap;
+  // both 0 = off. The backward multiplies dS by 1 - tanh^2, recomputed from S.
+  float softcap_raw, softcap_scale;
+
+  // ALiBi: -slope[b, h] * |j - (i + causal_shift)| added to the scaled (and capped) scores.
+  const float* alibi_slopes;  // (B, H) fp32 with batch stride alibi_batch_stride (0 for (H,)); or nullptr
+  int64_t alibi_batch_stride;
 
   bool is_dropout;
   uint32_t dropout_threshold;  // dropped iff philox bits < threshold (common/philox.cuh)
@@ -61,6 +75,10 @@ struct FlashAttnParams {
   DType dtype;  // kFloat16 or kBFloat16
 
   __host__ __device__ bool has_element_mask() const { return key_padding_mask != nullptr || attn_mask != nullptr; }
+  // Per-element work in the mma.sync kernels' ScoreMask beyond the block bounds: every tile is masked.
+  __host__ __device__ bool has_element_scores() const { return has_element_mask() || alibi_slopes != nullptr; }
+  __host__ __device__ bool has_window() const { return window_left >= 0 || (window_right >= 0 && !is_causal); }
+  __host__ __device__ bool has_softcap() const { return softcap_raw > 0.f; }
 };
 
 struct FlashFwdParams : FlashAttnParams {
@@ -141,7 +159,8 @@ template <typename T>
 cudaError_t run_flash_bwd_reduce_dkdv_(const FlashBwdParams& params, cudaStream_t stream);
 
 // Entry points for the host glue: dispatch on dtype, head dim and dropout (flash_api.cu).
-// Forward: the sm_90a wgmma kernel when fwd_uses_sm90 holds, else the mma.sync kernel.
+// Forward: the sm_90a wgmma kernel when fwd_uses_sm90 holds (no dropout, window, softcap or
+// ALiBi), else the mma.sync kernel.
 bool fwd_uses_sm90(const FlashFwdParams& params);
 cudaError_t run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream);
 // Preprocess (delta = rowsum(dout * out)), then the dK/dV kernel, then (deterministic) dQ,

@@ -92,6 +92,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 1 / x with the SFU (rcp.approx: 1 / inf = +0, relative error ~2^-23).
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Butterfly exchange inside the 4 lanes of a quad (lanes sharing one accumulator row).
 __device__ __forceinline__ float shfl_xor(float x, int lane_mask) {
   return __shfl_xor_sync(0xffffffffu, x, lane_mask);

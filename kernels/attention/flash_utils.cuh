@@ -1,5 +1,6 @@
 // Device helpers shared by the attention kernels: tile copies, fragment packing, the score
-// mask (causal / key padding / attn_mask / sequence bounds) and the dropout keep decisions.
+// mask (causal / window / key padding / attn_mask / ALiBi / sequence bounds), soft-capping and the
+// dropout keep decisions.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -98,14 +99,62 @@ __device__ __forceinline__ void cp_async_tile(T* smem, const T* gmem, int64_t ro
   }
 }
 
-// Number of kBlockN key blocks the query tile starting at row m0 visits (all of them unless
-// causal; 0 when no row of the tile sees a key).
+// Blocks [begin, end) of a loop over one sequence: end <= begin when there is nothing to visit.
+struct BlockRange {
+  int begin, end;
+};
+
+// The kBlockN key blocks that query rows [m0, m0 + kBlockM) visit: all of them clipped to the
+// causal / window band (flash-attn's local attention skips the blocks outside it on both sides).
 template <int kBlockM, int kBlockN>
-__device__ __forceinline__ int causal_key_blocks(const FlashAttnParams& params, int m0) {
-  const int n_blocks = (params.seqlen_k + kBlockN - 1) / kBlockN;
-  if (!params.is_causal) return n_blocks;
-  const int last_key = min(m0 + kBlockM, params.seqlen_q) - 1 + params.causal_shift;  // seen by the last row
-  return last_key < 0 ? 0 : min(n_blocks, last_key / kBlockN + 1);
+__device__ __forceinline__ BlockRange key_block_range(const FlashAttnParams& p, int m0) {
+  BlockRange r{0, (p.seqlen_k + kBlockN - 1) / kBlockN};
+  if (p.window_right >= 0) {
+    const int last_key = min(m0 + kBlockM, p.seqlen_q) - 1 + p.causal_shift + p.window_right;  // of the last row
+    r.end = last_key < 0 ? 0 : min(r.end, last_key / kBlockN + 1);
+  }
+  if (p.window_left >= 0) {
+    const int first_key = m0 + p.causal_shift - p.window_left;  // of the first row
+    r.begin = first_key <= 0 ? 0 : first_key / kBlockN;
+  }
+  return r;
+}
+
+// The kBlockM query blocks (of m_blocks) that see a key of [n0, n0 + kBlockN): the transpose of
+// key_block_range, for the dK/dV kernel.
+template <int kBlockN, int kBlockM>
+__device__ __forceinline__ BlockRange query_block_range(const FlashAttnParams& p, int n0, int m_blocks) {
+  BlockRange r{0, m_blocks};
+  if (p.window_right >= 0) {
+    const int first_query = n0 - p.causal_shift - p.window_right;  // first query that sees key n0
+    r.begin = first_query <= 0 ? 0 : first_query / kBlockM;
+  }
+  if (p.window_left >= 0) {
+    const int last_query = n0 + kBlockN - 1 - p.causal_shift + p.window_left;  // last that sees the last key
+    r.end = last_query < 0 ? 0 : min(r.end, last_query / kBlockM + 1);
+  }
+  return r;
+}
+
+// Whether the tile rows [m0, m0 + kRows) x keys [n0, n0 + kCols) needs ScoreMask per element:
+// per-element data (padding, attn_mask, ALiBi), the sequence end, or a band edge crossing it.
+template <int kRows, int kCols>
+__device__ __forceinline__ bool tile_needs_mask(const FlashAttnParams& p, int m0, int n0) {
+  if (p.has_element_scores() || n0 + kCols > p.seqlen_k) return true;
+  if (p.window_right >= 0 && n0 + kCols - 1 > m0 + p.causal_shift + p.window_right) return true;
+  return p.window_left >= 0 && n0 < m0 + kRows - 1 + p.causal_shift - p.window_left;
+}
+
+// tanh from ex2 and rcp: 1 - 2 / (1 + 2^(2 x log2 e)). Absolute error ~1e-7, which is what the
+// softmax feels (tanh.approx.f32 is only good to ~2^-11 relative); saturates to +-1, no NaN.
+__device__ __forceinline__ float fast_tanh(float x) {
+  return 1.f - 2.f * fast_rcp(1.f + fast_exp2(2.f * kLog2e * x));
+}
+
+// Soft-capped score in raw units (FlashAttnParams::softcap_raw / softcap_scale); the capped
+// score times softcap_scale is the tanh again, which gives the backward its 1 - tanh^2.
+__device__ __forceinline__ float softcap_score(const FlashAttnParams& p, float s) {
+  return p.softcap_raw * fast_tanh(s * p.softcap_scale);
 }
 
 // Output of a query tile none of whose rows sees a key: 0, lse -inf.
@@ -126,22 +175,27 @@ __device__ __forceinline__ void store_empty_tile(const FlashFwdParams& params, T
 }
 
 // Which (query i, key j) pairs take part, and their score in the units of the raw dot
-// product: s (+ attn_mask / softmax_scale), or -inf. Keeping raw units lets every exp2 fold the
-// scale into one FFMA, exp2(s * scale * log2(e) - max'). Only the two per-(batch, head) base
-// pointers and one factor live in registers; sizes, strides and flags are read from the kernel
-// parameters (constant bank), which keeps the register cost of masking low.
+// product: s (- ALiBi / softmax_scale + attn_mask / softmax_scale), or -inf. Keeping raw units
+// lets every exp2 fold the scale into one FFMA, exp2(s * scale * log2(e) - max'). Only the two
+// per-(batch, head) base pointers and two factors live in registers; sizes, strides, window and
+// flags are read from the kernel parameters (constant bank), which keeps the register cost of
+// masking low. Soft-capping comes before (softcap_score), on every element.
 template <typename T>
 struct ScoreMask {
   const FlashAttnParams& p;
   const uint8_t* kpm;  // key_padding_mask row of this batch, or nullptr
   const char* mask;    // attn_mask plane of this (batch, head), or nullptr
-  float inv_scale;     // 1 / softmax_scale: attn_mask is added to the scaled scores
+  float inv_scale;     // 1 / softmax_scale: attn_mask and ALiBi are added to the scaled scores
+  float alibi_slope;   // ALiBi slope of this (batch, head) / softmax_scale, or 0
 
   __device__ __forceinline__ ScoreMask(const FlashAttnParams& params, int b, int h)
       : p(params),
         kpm(params.key_padding_mask == nullptr ? nullptr : params.key_padding_mask + b * params.kpm_batch_stride),
         mask(nullptr),
-        inv_scale(1.f / params.softmax_scale) {
+        inv_scale(1.f / params.softmax_scale),
+        alibi_slope(params.alibi_slopes == nullptr
+                        ? 0.f
+                        : params.alibi_slopes[b * params.alibi_batch_stride + h] * inv_scale) {
     if (params.attn_mask != nullptr) {
       const int64_t off = b * params.mask_batch_stride + h * params.mask_head_stride;
       const int elem_bytes = params.attn_mask_kind == MaskKind::kBool      ? 1
@@ -155,8 +209,11 @@ struct ScoreMask {
     const int i = opaque_int(i_in);
     const int j = opaque_int(j_in);
     if (i >= p.seqlen_q || j >= p.seqlen_k) return -kInf;
-    if (p.is_causal && j > i + p.causal_shift) return -kInf;
+    const int rel = j - (i + p.causal_shift);  // the key's offset from the query's diagonal
+    if (p.window_right >= 0 && rel > p.window_right) return -kInf;
+    if (p.window_left >= 0 && rel < -p.window_left) return -kInf;
     if (kpm != nullptr && kpm[j * p.kpm_col_stride] == 0) return -kInf;
+    if (p.alibi_slopes != nullptr) s -= alibi_slope * static_cast<float>(rel < 0 ? -rel : rel);
     if (mask != nullptr) {
       const int64_t off = i * p.mask_row_stride + j * p.mask_col_stride;
       if (p.attn_mask_kind == MaskKind::kBool) {

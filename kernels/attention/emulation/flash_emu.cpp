@@ -131,6 +131,12 @@ void common_fields(std::ostringstream& o, const S& s) {
   field(o, s, s.scale_log2, "scale_log2", "f");
   field(o, s, s.is_causal, "is_causal", "?");
   field(o, s, s.causal_shift, "causal_shift", "i");
+  field(o, s, s.window_left, "window_left", "i");
+  field(o, s, s.window_right, "window_right", "i");
+  field(o, s, s.softcap_raw, "softcap_raw", "f");
+  field(o, s, s.softcap_scale, "softcap_scale", "f");
+  field(o, s, s.alibi_slopes, "alibi_slopes", "P");
+  field(o, s, s.alibi_batch_stride, "alibi_batch_stride", "q");
   field(o, s, s.is_dropout, "is_dropout", "?");
   field(o, s, s.dropout_threshold, "dropout_threshold", "I");
   field(o, s, s.rp_dropout, "rp_dropout", "f");
@@ -256,11 +262,14 @@ int emu_flash_fwd(const void* params_ptr, int mode, char* msg, int msg_len) {
   return 0;
 }
 
-// The sm_90a wgmma forward (no dropout: the dispatcher's rule).
+// The sm_90a wgmma forward (no dropout, window, softcap or ALiBi: the dispatcher's rule).
 int emu_flash_fwd_sm90(const void* params_ptr, int mode, char* msg, int msg_len) {
   const FlashFwdParams& params = *static_cast<const FlashFwdParams*>(params_ptr);
   try {
     if (params.is_dropout) throw std::runtime_error("dropout is not served by the sm90 kernel");
+    if (params.has_window() || params.has_softcap() || params.alibi_slopes != nullptr) {
+      throw std::runtime_error("window, softcap and ALiBi are not served by the sm90 kernel");
+    }
     HALF_SWITCH(params.dtype == fastattn::DType::kBFloat16, T, [&] {
       using namespace fastattn::flash;
       if (params.head_dim <= 64) {

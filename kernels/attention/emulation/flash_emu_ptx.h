@@ -457,6 +457,8 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 
 inline float fast_exp2(float x) { return std::exp2(x); }
 
+inline float fast_rcp(float x) { return 1.f / x; }
+
 inline float shfl_xor(float x, int lane_mask) {
   emu::Slot s{};
   s.op = kOpShfl;
