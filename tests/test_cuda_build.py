@@ -281,12 +281,14 @@ def test_attention_schemas_are_the_agreed_ones():
     schemas = _schemas()
     assert schemas["attention_fwd"] == (
         "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_mask, "
-        "float softmax_scale, bool causal, bool causal_top_left, float dropout_p, int seed, int offset) "
+        "float softmax_scale, bool causal, bool causal_top_left, float dropout_p, int seed, int offset, "
+        "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None) "
         "-> (Tensor out, Tensor lse)")
     assert schemas["attention_bwd"] == (
         "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, Tensor? attn_mask, float softmax_scale, bool causal, "
-        "bool causal_top_left, float dropout_p, int seed, int offset, bool deterministic) "
+        "bool causal_top_left, float dropout_p, int seed, int offset, bool deterministic, "
+        "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None) "
         "-> (Tensor dq, Tensor dk, Tensor dv)")
 
 
