@@ -50,7 +50,21 @@ def explicit_attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, s
     return torch.einsum("bhij,bjhd->bihd", p, vv), torch.logsumexp(s.float(), -1)
 
 
-def _flags_str(case) -> list[str]:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExtrasCase:
+    """Fields shared by the varlen and KV-cache cases (keyword-only)."""
+
+    heads: int = 4
+    heads_kv: int = 2
+    head_dim: int = 40
+    dtype: torch.dtype = torch.float64
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: Optional[str] = None  # "h": (nheads,), "bh": (batch, nheads)
+
+
+def _flags_str(case: ExtrasCase) -> list[str]:
     parts = [str(case.dtype).replace("torch.", ""), f"h{case.heads}kv{case.heads_kv}d{case.head_dim}"]
     if case.causal:
         parts.append("causal")
@@ -79,17 +93,9 @@ def _flag_kwargs(case) -> dict:
 # Variable-length batches
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class VarlenCase:
+class VarlenCase(ExtrasCase):
     seqlens_q: tuple[int, ...]
     seqlens_k: Optional[tuple[int, ...]] = None  # None: seqlens_q (self-attention)
-    heads: int = 4
-    heads_kv: int = 2
-    head_dim: int = 40
-    dtype: torch.dtype = torch.float64
-    causal: bool = False
-    window: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    alibi: Optional[str] = None  # "h": (nheads,), "bh": (batch, nheads)
     dropout_p: float = 0.0
 
     @property
@@ -265,21 +271,13 @@ VARLEN_DROPOUT_CASES = [
 # KV-cache decoding
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class KVCacheCase:
+class KVCacheCase(ExtrasCase):
     cache_seqlens: tuple[int, ...]  # cached lengths before the append, one per sequence
     seqlen_q: int = 1
     seqlen_new: int = 1  # 0: no k/v to append
     capacity: int = 256  # positions per sequence (seqlen_cache, or max_blocks * block_size)
     block_size: Optional[int] = None  # paged cache when set
     batch_idx: bool = False  # contiguous cache with extra rows, selected by cache_batch_idx
-    heads: int = 4
-    heads_kv: int = 2
-    head_dim: int = 40
-    dtype: torch.dtype = torch.float64
-    causal: bool = False
-    window: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    alibi: Optional[str] = None
 
     def __str__(self) -> str:
         layout = f"paged{self.block_size}" if self.block_size else ("rows" if self.batch_idx else "contiguous")

@@ -2,6 +2,8 @@
 
 Data path: public function -> validate -> AttentionOptions -> backends.select ->
 AttentionFunction.apply -> backend ``attention`` module ``forward``/``backward``.
+``flash_attention_varlen`` takes the same path with cu_seqlens in AttentionInputs; KV-cache
+decoding (inference only) is in fastattn/ops/kvcache.py.
 """
 
 from __future__ import annotations
@@ -21,22 +23,29 @@ from fastattn.options import AttentionInputs, AttentionOptions, RngState
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-def _validate_flash(q, k, v, key_padding_mask) -> AttentionInputs:
+def _validate_qkv(q, k, v, layout: str, kv_layout: str) -> None:
+    """q (*lead, L, H, D), k/v (*lead, Lk, Hkv, D) with H % Hkv == 0: types, float dtype, one
+    dtype and device, shapes. layout / kv_layout name the dims in messages."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         checks.check_tensor(name, t)
-        checks.check_ndim(name, t, 4, "(batch, seqlen, nheads, headdim)")
+        checks.check_ndim(name, t, layout.count(",") + 1, layout)  # layout names every dim
         checks.check_float_dtype(name, t)
         checks.check_nonempty(name, t)
     checks.check_same_dtype("k", k, "q", q)
     checks.check_same_dtype("v", v, "q", q)
     checks.check_same_device("k", k, "q", q)
     checks.check_same_device("v", v, "q", q)
-    b, _, h, d = q.shape
-    _, lk, hkv, _ = k.shape
-    checks.check_shape("k", k, (b, lk, hkv, d), "(batch, seqlen_k, nheads_kv, headdim)")
-    checks.check_shape("v", v, (b, lk, hkv, d), "(batch, seqlen_k, nheads_kv, headdim)")
-    if h % hkv != 0:
-        raise ValueError(f"q's nheads ({h}) must be a multiple of k/v's nheads_kv ({hkv})")
+    h, d = q.shape[-2:]
+    expected = (*q.shape[:-3], k.shape[-3], k.shape[-2], d)
+    checks.check_shape("k", k, expected, kv_layout)
+    checks.check_shape("v", v, expected, kv_layout)
+    if h % k.shape[-2] != 0:
+        raise ValueError(f"q's nheads ({h}) must be a multiple of k/v's nheads_kv ({k.shape[-2]})")
+
+
+def _validate_flash(q, k, v, key_padding_mask) -> AttentionInputs:
+    _validate_qkv(q, k, v, "(batch, seqlen, nheads, headdim)", "(batch, seqlen_k, nheads_kv, headdim)")
+    b, lk = k.shape[:2]
     checks.check_tensor("key_padding_mask", key_padding_mask, optional=True)
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
@@ -113,21 +122,8 @@ def _validate_alibi(alibi_slopes, batch: int, nheads: int, q: torch.Tensor) -> O
 def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttentionInputs:
     """Packed q (total_q, H, D), k/v (total_k, Hkv, D) and their int32 (batch+1,) offsets. Reads
     both cu_seqlens to the host once (one sync) to check their values."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        checks.check_tensor(name, t)
-        checks.check_ndim(name, t, 3, "(total, nheads, headdim)")
-        checks.check_float_dtype(name, t)
-        checks.check_nonempty(name, t)
-    checks.check_same_dtype("k", k, "q", q)
-    checks.check_same_dtype("v", v, "q", q)
-    checks.check_same_device("k", k, "q", q)
-    checks.check_same_device("v", v, "q", q)
-    total_q, h, d = q.shape
-    total_k, hkv, _ = k.shape
-    checks.check_shape("k", k, (total_k, hkv, d), "(total_k, nheads_kv, headdim)")
-    checks.check_shape("v", v, (total_k, hkv, d), "(total_k, nheads_kv, headdim)")
-    if h % hkv != 0:
-        raise ValueError(f"q's nheads ({h}) must be a multiple of k/v's nheads_kv ({hkv})")
+    _validate_qkv(q, k, v, "(total_q, nheads, headdim)", "(total_k, nheads_kv, headdim)")
+    total_q, total_k = q.shape[0], k.shape[0]
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         checks.check_tensor(name, cu)
         if cu.dtype != torch.int32:

@@ -239,8 +239,8 @@ def flash_attention_with_kvcache(
         lse: (batch, nheads, seqlen_q) float32. A query that sees no key gets output 0 and lse
         -inf.
     """
-    _validate_inference(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     seqlen_new = _validate_tensors(q, k_cache, v_cache, k, v, block_table, cache_batch_idx)
+    _validate_inference(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     options = _flash_options(q.shape[3], softmax_scale, 0.0, window_size, softcap, causal=causal,
                              return_lse=return_lse)
     capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])  # per sequence
