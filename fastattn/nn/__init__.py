@@ -9,6 +9,7 @@ keys, same forward signature and results. ``AddLayerNorm`` (residual + dropout +
 """
 
 from fastattn.nn.attention import MultiheadAttention
+from fastattn.nn.kv_cache import KVCache
 from fastattn.nn.ffn import FeedForward
 from fastattn.nn.norm import AddLayerNorm, LayerNorm, RMSNorm
 from fastattn.nn.transformer import TransformerDecoderLayer, TransformerEncoderLayer
@@ -16,6 +17,7 @@ from fastattn.nn.transformer import TransformerDecoderLayer, TransformerEncoderL
 __all__ = [
     "AddLayerNorm",
     "FeedForward",
+    "KVCache",
     "LayerNorm",
     "MultiheadAttention",
     "RMSNorm",
