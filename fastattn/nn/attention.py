@@ -314,9 +314,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = kv_cache.attend(q, k, v, keep=keep, causal=is_causal, backend=backend)
         else:
             if fill:
-                kv_cache.reset()
-                kv_cache.write(k, v, keep)  # the real keys only, packed: attention ignores their order
-                kv_cache.filled = True
+                kv_cache.fill(k, v, keep)
             out = kv_cache.attend(q, backend=backend)
         return self._out_projection(out, batched)
 

@@ -115,6 +115,13 @@ class KVCache:
         self.v[dim0[kept], dim1[kept]] = v[kept]
         self.lengths += step.sum(1).to(torch.int32)
 
+    def fill(self, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """A cross-attention cache's one write: replace its contents with k, v (B, S, Hkv, D),
+        only the kept (B, S) keys, packed (attention without positions ignores key order)."""
+        self.reset()
+        self.write(k, v, keep)
+        self.filled = True
+
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's first max_len positions, (B, max_len, Hkv, D) each (the valid part
         is ``[:lengths[b]]``): views of a contiguous cache, gathered copies of a paged one."""
