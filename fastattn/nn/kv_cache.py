@@ -6,7 +6,7 @@ Two layouts, as ``fastattn.flash_attention_with_kvcache`` reads them:
   sequence) int32. The blocks are interleaved across sequences (sequence b's j-th block is
   block ``j * B + b``), so no sequence's cache is one contiguous slab (as in a paged server).
 ``lengths`` (B,) int32 counts the valid positions of each sequence; positions at and past it
-hold stale values that are never read.
+hold stale (finite) values that are never used.
 
 A cross-attention cache (``cross=True``) holds the projected encoder memory: filled once, on
 the first step, and read on every step after.
@@ -65,8 +65,9 @@ class KVCache:
             shape = (batch * per_seq, block_size, nheads_kv, head_dim)
             blocks = torch.arange(per_seq * batch, dtype=torch.int32, device=device)
             self.block_table = blocks.view(per_seq, batch).t().contiguous()  # (B, per_seq): block j*B + b
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # zeros, not empty: a masked stale slot must stay finite for matmul-based readers (0 * NaN = NaN)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.filled = False  # a cross-attention cache holds its memory
 
