@@ -25,6 +25,13 @@ def _module(embed_dim=40, num_heads=4, batch_first=False, **kw):
     return MultiheadAttention(embed_dim, num_heads, batch_first=batch_first, dtype=F64, **kw).eval()
 
 
+@pytest.fixture(autouse=True)
+def _inference():
+    """Decoding over a cache is inference-only (flash_attention_with_kvcache has no backward)."""
+    with torch.no_grad():
+        yield
+
+
 def _torch_forward(module, query, key, value, **kw):
     """torch's own MultiheadAttention on the same Parameters (the oracle)."""
     return nn.MultiheadAttention.forward(module, query, key, value, need_weights=False, **kw)[0]
@@ -216,6 +223,13 @@ def test_mha_incremental_rejects_bad_calls(call, error, fragment):
         call(m, x, m.new_kv_cache(2, 5))
 
 
+def test_mha_incremental_needs_inference_mode():
+    m = _module()
+    x = _seq(2, 1, 40, False)
+    with torch.enable_grad(), pytest.raises(ValueError, match="inference-only"):
+        m(x, x, x, need_weights=False, kv_cache=m.new_kv_cache(2, 4))
+
+
 def test_mha_incremental_rejects_extra_keys():
     m = _module(add_bias_kv=True)
     x = _seq(2, 1, 40, False)
@@ -265,12 +279,13 @@ def trained_state():
     torch.manual_seed(0)
     model = _model("naive", True, torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        batch = TASK.sample(16, gen)
-        loss = model(batch.src, batch.tgt_in, batch.tgt_out)[1]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with torch.enable_grad():
+        for _ in range(30):
+            batch = TASK.sample(16, gen)
+            loss = model(batch.src, batch.tgt_in, batch.tgt_out)[1]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     return model.state_dict()
 
 

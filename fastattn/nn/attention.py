@@ -253,8 +253,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         backend: Optional[str] = None,
     ) -> torch.Tensor:
         """One decoding step over ``kv_cache`` with ``fastattn.flash_attention_with_kvcache``;
-        the same output as the full forward over every step so far (inference: no dropout, no
-        gradient through the cache).
+        the same output as the full forward over every step so far (inference only: under
+        torch.no_grad() or torch.inference_mode(); no dropout).
 
         Self-attention (``kv_cache.cross`` False): key/value are the new step's tokens; their
         projections are appended to the cache and query attends over the sequence so far,
@@ -281,6 +281,9 @@ class MultiheadAttention(nn.MultiheadAttention):
                              "and key_padding_mask")
         if self.bias_k is not None or self.add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported with kv_cache")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise ValueError("incremental decoding with kv_cache is inference-only (no gradient through the "
+                             "cache): call it under torch.no_grad() or torch.inference_mode()")
         if query.dim() not in (2, 3) or query.shape[-1] != self.embed_dim:
             raise ValueError(f"query must be (L, E) or 3-D with last dim embed_dim={self.embed_dim}, "
                              f"got shape {tuple(query.shape)}")
