@@ -5,7 +5,8 @@
 arguments and defaults (plus a keyword-only ``backend``), same parameter names and state_dict
 keys, same forward signature and results. ``AddLayerNorm`` (residual + dropout + LayerNorm) and
 ``FeedForward`` are fastattn's own. To convert an existing model use
-:func:`fastattn.replace_modules`.
+:func:`fastattn.replace_modules`. ``KVCache`` holds one attention layer's keys and values
+for incremental decoding (``MultiheadAttention(..., kv_cache=cache)``).
 """
 
 from fastattn.nn.attention import MultiheadAttention

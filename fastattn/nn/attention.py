@@ -5,7 +5,9 @@ projects q, k, v in the caller's layout, takes (B, L, H, D) views of them (no co
 ``fastattn.flash_attention`` (no mask, or a bool key padding mask only) or
 ``fastattn.scaled_dot_product_attention`` (any other mask), then the output projection.
 ``need_weights=True`` needs the probabilities themselves, so it runs torch's own path, as do
-nested or empty inputs and a mask that requires grad.
+nested or empty inputs and a mask that requires grad. With ``kv_cache=`` (a
+:class:`fastattn.nn.KVCache`) the forward is one incremental decoding step over the cache,
+through ``fastattn.flash_attention_with_kvcache``.
 """
 
 from __future__ import annotations
