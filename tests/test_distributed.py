@@ -263,3 +263,38 @@ def test_ring_attention_needs_a_process_group():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="initialized torch.distributed"):
         ring_attention(q, q, q)
+
+
+@pytest.fixture
+def single_rank_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "k_shape, dtype, error, fragment",
+    [
+        ((1, 6, 2, 8), F64, ValueError, "equal local lengths"),
+        ((1, 4, 3, 8), F64, ValueError, "nheads_kv dividing 4"),
+        ((1, 4, 2, 8), torch.float32, TypeError, "dtype"),
+    ],
+)
+def test_ring_attention_checks_inputs_before_communicating(single_rank_group, k_shape, dtype, error, fragment):
+    q = torch.randn(1, 4, 4, 8, dtype=F64)
+    k = torch.randn(k_shape, dtype=dtype)
+    with pytest.raises(error, match=fragment):
+        ring_attention(q, k, k, causal=True)
+
+
+def test_ring_attention_on_one_rank_is_flash_attention(single_rank_group):
+    q = torch.randn(2, 7, 4, 8, dtype=F64, requires_grad=True)
+    k = torch.randn(2, 7, 2, 8, dtype=F64, requires_grad=True)
+    out = ring_attention(q, k, k, causal=True)
+    expected = fastattn.flash_attention(q, k, k, causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(out.sum(), (q, k)), torch.autograd.grad(expected.sum(), (q, k)), rtol=1e-6, atol=1e-6
+    )

@@ -212,9 +212,7 @@ def _convert_swiglu_mlp(module: nn.Module, backend: Optional[str]) -> bool:
 
 def _convert_dense_add_layer_norm(module: nn.Module, backend: Optional[str]) -> bool:
     norm, dropout = getattr(module, "LayerNorm", None), getattr(module, "dropout", None)
-    if not (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and type(dropout) is nn.Dropout):
-        return False
-    if type(norm) not in (nn.LayerNorm, fnn.LayerNorm):
+    if type(norm) not in (nn.LayerNorm, fnn.LayerNorm) or len(norm.normalized_shape) != 1 or type(dropout) is not nn.Dropout:
         return False
     module.__class__ = FusedDenseAddLayerNorm
     module.backend = backend

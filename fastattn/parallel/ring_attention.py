@@ -122,7 +122,8 @@ class RingAttentionFunction(torch.autograd.Function):
                 dq += dq_s.float()
                 dkv[0] += dk_s.float()
                 dkv[1] += dv_s.float()
-            dkv = _RingExchange(dkv, group, tag=1).wait()  # after the last step: our own block's total
+            if world > 1:  # after the last step: our own block's total
+                dkv = _RingExchange(dkv, group, tag=1).wait()
             if exchange is not None:
                 kv = exchange.wait()
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
@@ -161,10 +162,18 @@ def ring_attention(
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("ring_attention needs an initialized torch.distributed process group")
+    # Checked before any message is posted: a rank failing later would leave its peers waiting.
     for name, t in (("q", q), ("k", k), ("v", v)):
         checks.check_tensor(name, t)
         checks.check_ndim(name, t, 4, "(batch, seqlen, nheads, headdim)")
+        checks.check_float_dtype(name, t)
+        checks.check_same_dtype(name, t, "q", q)
+        checks.check_same_device(name, t, "q", q)
     checks.check_bool("causal", causal)
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"k must be (batch={q.shape[0]}, Lk, nheads_kv dividing {q.shape[2]}, headdim={q.shape[3]}), got {tuple(k.shape)}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if causal and k.shape[1] != q.shape[1]:
