@@ -47,6 +47,18 @@ class AttentionOptions:
     causal_alignment: CausalAlignment = "bottom_right"
     dropout_p: float = 0.0
     deterministic: bool = False
+    #: Sliding window (flash-attn's window_size): query i sees key j iff
+    #: ``i + shift - window_left <= j <= i + shift + window_right`` with ``shift = Lk - Lq``
+    #: (bottom_right) or 0 (top_left), per sequence; -1 = unbounded on that side. causal=True
+    #: forces ``window_right = 0`` (done by the public functions).
+    window_left: int = -1
+    window_right: int = -1
+    #: Logit soft-capping: ``s = softcap * tanh(softmax_scale * q.k / softcap)`` when > 0.
+    softcap: float = 0.0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +71,13 @@ class AttentionInputs:
     key_padding_mask: (B, Lk) bool, True = real token; or None
     attn_mask:        (B, H, Lq, Lk) bool (True = takes part) or float (added to the scaled
                       scores, same dtype as q or fp32); broadcast dims have stride 0; or None
+    alibi_slopes:     (H,) or (B, H) fp32: bias ``-slope * |i + shift - j|`` added to the scaled
+                      (and soft-capped) scores, shift as for the window; or None
+
+    Variable-length (packed) batches, ``cu_seqlens_q`` given: q is (total_q, H, D), k and v are
+    (total_k, Hkv, D); sequence b owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v (int32 (B+1,), validated: starts at 0,
+    non-decreasing, ends at total); ``max_seqlen_q/k`` bound the lengths. Masks are None there.
     """
 
     q: torch.Tensor
@@ -66,6 +85,79 @@ class AttentionInputs:
     v: torch.Tensor
     key_padding_mask: Optional[torch.Tensor] = None
     attn_mask: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_q.shape[0] - 1 if self.is_varlen else self.q.shape[0]
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.max_seqlen_q if self.is_varlen else self.q.shape[1]
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.max_seqlen_k if self.is_varlen else self.k.shape[1]
+
+    @property
+    def nheads(self) -> int:
+        return self.q.shape[-2]
+
+    @property
+    def nheads_kv(self) -> int:
+        return self.k.shape[-2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheInputs:
+    """Validated tensors of one decoding step over a KV cache (inference only, no autograd).
+    The new keys/values are already appended to the cache (by the public function), so the
+    backend attends q over the first ``cache_seqlens[b]`` positions of sequence b's cache.
+
+    q:             (B, Lq, H, D)                fp16 / bf16 / fp32 / fp64
+    k_cache, v_cache: contiguous cache (B_cache, Lcache, Hkv, D), sequence b in row
+                   ``cache_batch_idx[b]`` (or b); or paged (num_blocks, block_size, Hkv, D),
+                   when ``block_table`` is given; q's dtype and device
+    cache_seqlens: (B,) int32, valid length of each sequence's cache (new tokens included)
+    block_table:   (B, max_blocks_per_seq) int32, the cache blocks of sequence b in order; or None
+    cache_batch_idx: (B,) int32 rows of a contiguous cache; or None (row b)
+    alibi_slopes:  (H,) or (B, H) fp32, or None
+
+    Causal and window masks are aligned bottom-right per sequence: query i of sequence b is at
+    absolute position ``cache_seqlens[b] - Lq + i``.
+    """
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor
+    block_table: Optional[torch.Tensor] = None
+    cache_batch_idx: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+
+    @property
+    def is_paged(self) -> bool:
+        return self.block_table is not None
 
     @property
     def batch(self) -> int:
@@ -76,20 +168,23 @@ class AttentionInputs:
         return self.q.shape[1]
 
     @property
-    def seqlen_k(self) -> int:
-        return self.k.shape[1]
-
-    @property
     def nheads(self) -> int:
         return self.q.shape[2]
 
     @property
     def nheads_kv(self) -> int:
-        return self.k.shape[2]
+        return self.k_cache.shape[2]
 
     @property
     def head_dim(self) -> int:
         return self.q.shape[3]
+
+    @property
+    def max_seqlen_k(self) -> int:
+        """Capacity of one sequence's cache (an upper bound of cache_seqlens)."""
+        if self.is_paged:
+            return self.block_table.shape[1] * self.k_cache.shape[1]
+        return self.k_cache.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:

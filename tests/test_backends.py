@@ -15,7 +15,7 @@ def _inputs(dtype=torch.float32, d=8, h=2, hkv=2):
 
 def test_backends_lists_every_backend_with_reasons():
     statuses = {s.name: s for s in fastattn.backends()}
-    assert list(statuses) == ["cuda", "triton", "reference"]
+    assert list(statuses) == ["cuda", "triton", "cpu", "reference"]
     assert statuses["reference"].available and statuses["reference"].ops == ("attention", "norm", "ffn")
     for status in statuses.values():
         assert status.available or status.reasons, f"{status.name} unavailable without a reason"

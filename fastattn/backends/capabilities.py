@@ -7,7 +7,7 @@ served are derived from it here, in one place, so every backend words them the s
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -17,6 +17,7 @@ from fastattn.options import (
     AttentionOptions,
     FeedForwardInputs,
     FeedForwardOptions,
+    KVCacheInputs,
     NormInputs,
     NormOptions,
 )
@@ -49,19 +50,42 @@ class AttentionCapabilities:
     dropout: bool = True
     gqa: bool = True
     deterministic: bool = True
+    # flash-attn 2 extras: off unless a backend declares them.
+    window: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    varlen: bool = False
+    kvcache: bool = False
+    paged_kvcache: bool = False
 
-    def not_supported_reasons(self, inputs: AttentionInputs, options: AttentionOptions) -> list[str]:
+    def not_supported_reasons(
+        self, inputs: Union[AttentionInputs, KVCacheInputs], options: AttentionOptions
+    ) -> list[str]:
         reasons = _dtype_reason(inputs.dtype, self.dtypes)
+        if options.has_window and not self.window:
+            reasons.append("sliding window (window_size) is not supported")
+        if options.softcap > 0 and not self.softcap:
+            reasons.append("softcap is not supported")
+        if inputs.alibi_slopes is not None and not self.alibi:
+            reasons.append("alibi_slopes is not supported")
+        if getattr(inputs, "is_varlen", False) and not self.varlen:
+            reasons.append("variable-length (cu_seqlens) batches are not supported")
+        if isinstance(inputs, KVCacheInputs):
+            if not self.kvcache:
+                reasons.append("KV-cache decoding is not supported")
+            elif inputs.is_paged and not self.paged_kvcache:
+                reasons.append("a paged KV cache (block_table) is not supported")
         d = inputs.head_dim
         if d < self.min_head_dim or (self.max_head_dim is not None and d > self.max_head_dim):
             reasons.append(f"head_dim {d} is outside [{self.min_head_dim}, {self.max_head_dim}]")
-        if self.max_seqlen is not None and max(inputs.seqlen_q, inputs.seqlen_k) > self.max_seqlen:
+        seqlen_k = inputs.max_seqlen_k if isinstance(inputs, KVCacheInputs) else inputs.seqlen_k
+        if self.max_seqlen is not None and max(inputs.seqlen_q, seqlen_k) > self.max_seqlen:
             reasons.append(f"sequence length above {self.max_seqlen}")
         if options.causal and not self.causal:
             reasons.append("causal masking is not supported")
-        if inputs.key_padding_mask is not None and not self.key_padding_mask:
+        if getattr(inputs, "key_padding_mask", None) is not None and not self.key_padding_mask:
             reasons.append("key_padding_mask is not supported")
-        if inputs.attn_mask is not None and not self.attn_mask:
+        if getattr(inputs, "attn_mask", None) is not None and not self.attn_mask:
             reasons.append("attn_mask is not supported")
         if options.dropout_p > 0 and not self.dropout:
             reasons.append("dropout is not supported")

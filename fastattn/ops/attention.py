@@ -6,6 +6,7 @@ AttentionFunction.apply -> backend ``attention`` module ``forward``/``backward``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Union
 
@@ -57,45 +58,90 @@ def _validate_options(softmax_scale, dropout_p, head_dim: int, **flags) -> tuple
     return scale, checks.check_probability("dropout_p", dropout_p)
 
 
+def _validate_window(window_size, causal: bool) -> tuple[int, int]:
+    """(left, right) with -1 = unbounded; causal sets right to 0 (flash-attn's rule)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    left, right = window_size
+    for name, value in (("window_size[0]", left), ("window_size[1]", right)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int (-1 = unbounded), got {type(value).__name__}")
+        if value < -1:
+            raise ValueError(f"{name} must be >= -1 (-1 = unbounded), got {value}")
+    return left, 0 if causal else right
+
+
+def _validate_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0 = off), got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap}")
+    return float(softcap)
+
+
+def _validate_alibi(alibi_slopes, batch: int, nheads: int, q: torch.Tensor) -> Optional[torch.Tensor]:
+    checks.check_tensor("alibi_slopes", alibi_slopes, optional=True)
+    if alibi_slopes is None:
+        return None
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must have dtype torch.float32, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = "
+                         f"({batch}, {nheads}), got {tuple(alibi_slopes.shape)}")
+    checks.check_same_device("alibi_slopes", alibi_slopes, "q", q)
+    if alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes must not require grad: fastattn computes no gradient for the slopes")
+    return alibi_slopes.contiguous()
+
+
 # --------------------------------------------------------------------------------------------
 # The one autograd layer, shared by every backend
 # --------------------------------------------------------------------------------------------
 class AttentionFunction(torch.autograd.Function):
+    """Tensors of AttentionInputs come positionally (q, k, v, key_padding_mask, attn_mask,
+    alibi_slopes, cu_seqlens_q, cu_seqlens_k); max_seqlens = (max_seqlen_q, max_seqlen_k)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, attn_mask, options: AttentionOptions, backend):
-        inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
+    def forward(ctx, q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                max_seqlens: tuple[int, int], options: AttentionOptions, backend):
+        inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask, alibi_slopes,
+                                 cu_seqlens_q, cu_seqlens_k, *max_seqlens)
         rng = RngState.draw() if options.dropout_p > 0 else None
         with autocast_off(q.device):
             out, lse = backend.forward("attention", inputs, options, rng)
-        ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, out, lse)
-        ctx.options, ctx.backend, ctx.rng = options, backend, rng
+        ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                              out, lse)
+        ctx.options, ctx.backend, ctx.rng, ctx.max_seqlens = options, backend, rng, max_seqlens
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, key_padding_mask, attn_mask, out, lse = ctx.saved_tensors
-        inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
-        with autocast_off(q.device):
+        *tensors, out, lse = ctx.saved_tensors
+        inputs = AttentionInputs(*tensors, *ctx.max_seqlens)
+        with autocast_off(inputs.device):
             dq, dk, dv = ctx.backend.backward(
                 "attention", dout.contiguous(), out, lse, inputs, ctx.options, ctx.rng
             )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str]):
     amp = autocast_dtype(inputs.device)
     if amp is not None and inputs.dtype != amp:
         mask = inputs.attn_mask
-        inputs = AttentionInputs(
-            *(cast_for_autocast(t, amp) for t in (inputs.q, inputs.k, inputs.v)),
-            key_padding_mask=inputs.key_padding_mask,
+        inputs = dataclasses.replace(
+            inputs,
+            q=cast_for_autocast(inputs.q, amp),
+            k=cast_for_autocast(inputs.k, amp),
+            v=cast_for_autocast(inputs.v, amp),
             attn_mask=mask if mask is None or mask.dtype in (torch.bool, torch.float32) else mask.to(amp),
         )
     chosen = select("attention", inputs, options, backend)
     return AttentionFunction.apply(
-        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, options, chosen
+        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, inputs.alibi_slopes,
+        inputs.cu_seqlens_q, inputs.cu_seqlens_k, (inputs.max_seqlen_q, inputs.max_seqlen_k), options, chosen,
     )
 
 
@@ -111,6 +157,9 @@ def flash_attention(
     softmax_scale: Optional[float] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: Optional[str] = None,
@@ -128,10 +177,17 @@ def flash_attention(
         softmax_scale: a positive finite float; defaults to ``1 / sqrt(headdim)``.
         key_padding_mask: (batch, seqlen_k) bool, True = real token, False = ignored.
         dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
+        window_size: (left, right) sliding window, -1 = unbounded: query i sees keys
+            ``[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]``; with causal,
+            right is 0 (flash-attn's rule).
+        softcap: > 0 caps the scaled scores: ``softcap * tanh(scale * q.k / softcap)``.
+        alibi_slopes: (nheads,) or (batch, nheads) float32: adds
+            ``-slope * |i + seqlen_k - seqlen_q - j|`` to the (capped) scores.
         return_lse: also return the logsumexp.
         deterministic: bitwise-reproducible backward (where the backend offers a faster
             non-deterministic one).
-        backend: "triton", "cuda", "reference" or None (automatic; see ``fastattn.backends()``).
+        backend: "triton", "cuda", "cpu", "reference" or None (automatic; see
+            ``fastattn.backends()``).
 
     Returns:
         out: (batch, seqlen_q, nheads, headdim), q's dtype; and with ``return_lse`` also
@@ -143,12 +199,17 @@ def flash_attention(
         softmax_scale, dropout_p, inputs.head_dim,
         causal=causal, return_lse=return_lse, deterministic=deterministic,
     )
+    window_left, window_right = _validate_window(window_size, causal)
+    inputs = dataclasses.replace(inputs, alibi_slopes=_validate_alibi(alibi_slopes, inputs.batch, inputs.nheads, q))
     options = AttentionOptions(
         softmax_scale=scale,
         causal=causal,
         causal_alignment="bottom_right",
         dropout_p=dropout_p,
         deterministic=deterministic,
+        window_left=window_left,
+        window_right=window_right,
+        softcap=_validate_softcap(softcap),
     )
     out, lse = _run(inputs, options, backend)
     return (out, lse) if return_lse else out
