@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import torch
 
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
@@ -100,6 +101,38 @@ def to64(inputs: AttentionInputs) -> AttentionInputs:
     return AttentionInputs(inputs.q.double(), inputs.k.double(), inputs.v.double(), inputs.key_padding_mask, mask)
 
 
+def philox4x32_10(c0, c1, c2, c3, seed: int):
+    """Philox4x32-10 (Salmon et al. 2011) on uint64 numpy arrays of 32-bit counters, key =
+    (low, high) 32-bit halves of ``seed``: the generator behind tl.philox."""
+    mask32 = np.uint64(0xFFFFFFFF)
+    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = b * c2, a * c0  # < 2^64: exact in uint64
+        c0, c1, c2, c3 = ((p0 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p0 & mask32,
+                          (p1 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p1 & mask32)
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def attention_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, p: float, rng: RngState) -> np.ndarray:
+    """bool (B, H, Lq, Lk) keep mask of fastattn/triton/attention.py's documented mapping:
+    word 2 * ((i // 8) % 2) + (j // 8) % 2 of Philox(seed; gj, gi, b * H + h, offset) with
+    gi = (i // 16) * 8 + i % 8, as tl.uint_to_uniform_float, kept iff >= p."""
+    bi, hi, i, j = np.meshgrid(np.arange(batch), np.arange(heads), np.arange(seqlen_q), np.arange(seqlen_k),
+                               indexing="ij")
+
+    def group(x):
+        return ((x // 16) * 8 + x % 8).astype(np.uint64)
+
+    words = philox4x32_10(group(j), group(i), (bi * heads + hi).astype(np.uint64),
+                          np.full(i.shape, rng.offset, np.uint64), rng.seed)
+    word = np.choose(2 * ((i // 8) % 2) + (j // 8) % 2, words).astype(np.uint32).view(np.int32)
+    # tl.uint_to_uniform_float: non-negative int32 (negatives mirrored by ~x) times 2^-31, in fp32.
+    uniform = np.where(word < 0, ~word, word).astype(np.float32) * np.float32(4.6566127342e-10)
+    return uniform >= np.float32(p)
+
+
 def baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[torch.Tensor], dout: torch.Tensor):
     """Plain PyTorch attention in the inputs' dtype (matmul, softmax, matmul; autograd).
     Returns out, lse (fp32 of the low-precision scores) and (dq, dk, dv)."""
@@ -109,6 +142,11 @@ def baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[
     kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * options.softmax_scale
+    if options.softcap > 0:
+        scores = torch.tanh(scores / options.softcap) * options.softcap
+    bias = reference.alibi_bias(inputs, options, scores.dtype)
+    if bias is not None:
+        scores = scores + bias
     if inputs.attn_mask is not None and inputs.attn_mask.dtype != torch.bool:
         scores = scores + inputs.attn_mask.to(scores.dtype)
     allowed = reference.allowed_mask(inputs, options)

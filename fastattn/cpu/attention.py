@@ -29,7 +29,7 @@ from fastattn.backends.capabilities import AttentionCapabilities
 from fastattn.cpu import ensure_loaded
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
 
-CAPABILITIES = AttentionCapabilities(min_head_dim=1, max_head_dim=256)
+CAPABILITIES = AttentionCapabilities(min_head_dim=1, max_head_dim=256, window=True, softcap=True, alibi=True)
 
 
 def _shift(inputs: AttentionInputs, options: AttentionOptions) -> int:
@@ -49,13 +49,13 @@ def _op_args(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[R
     """The scalar tail shared by both ops' schemas (after the tensors)."""
     p, seed, offset = _dropout_args(options, rng)
     return (
-        getattr(inputs, "alibi_slopes", None),
+        inputs.alibi_slopes,
         options.softmax_scale,
-        float(getattr(options, "softcap", 0.0)),
+        float(options.softcap),
         options.causal,
         _shift(inputs, options),
-        int(getattr(options, "window_left", -1)),
-        int(getattr(options, "window_right", -1)),
+        int(options.window_left),
+        int(options.window_right),
         p,
         seed,
         offset,
