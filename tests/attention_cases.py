@@ -12,6 +12,7 @@ import torch
 
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
 from fastattn.reference import attention as reference
+from helpers import assert_close_to_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,3 +161,36 @@ def baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[
     out.backward(dout)
     lse = torch.logsumexp(scores.detach().float(), dim=-1)
     return out.detach(), lse, (q.grad, k.grad, v.grad)
+
+
+def check_against_reference(module, inputs: AttentionInputs, options: AttentionOptions, rng,
+                            expect_dead_rows: bool = False) -> None:
+    """Runs ``module.forward`` / ``backward`` (a backend's attention module, which also offers
+    ``dropout_mask``) and checks out, lse and every gradient against the float64 reference
+    given the backend's own keep mask, with the 2x-baseline rule; rows that see no key must
+    give output 0, lse -inf and dQ 0."""
+    out, lse = module.forward(inputs, options, rng)
+    dout = torch.randn_like(out)
+    dq, dk, dv = module.backward(dout, out, lse, inputs, options, rng)
+    keep = module.dropout_mask(inputs, options, rng) if options.dropout_p > 0 else None
+    inputs64 = to64(inputs)
+    out64, lse64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
+    grads64 = reference.backward(dout.double(), out64, lse64, inputs64, options, rng, dropout_mask=keep)
+    base_out, base_lse, base_grads = baseline(inputs, options, keep, dout)
+
+    assert out.dtype == inputs.dtype and lse.dtype == torch.float32
+    assert lse.shape == (inputs.batch, inputs.nheads, inputs.seqlen_q)
+    assert_close_to_reference(out, out64, base_out, "out")
+    dead = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse), dead), "lse is -inf exactly on the rows that see no key"
+    assert not torch.isnan(lse).any()
+    live = ~dead
+    assert_close_to_reference(lse[live], lse64[live].double(), base_lse[live], "lse")
+    for name, grad, like, grad64, base in zip(("dq", "dk", "dv"), (dq, dk, dv), (inputs.q, inputs.k, inputs.v),
+                                              grads64, base_grads):
+        assert grad.dtype == like.dtype and grad.shape == like.shape, name
+        assert_close_to_reference(grad, grad64, base, name)
+    if expect_dead_rows:
+        assert dead.any(), "the case was meant to have rows that see no key"
+    dead_rows = dead.transpose(1, 2)  # (B, Lq, H)
+    assert (out[dead_rows] == 0).all() and (dq[dead_rows] == 0).all()

@@ -22,8 +22,7 @@ import fastattn
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
 from fastattn.reference import attention as reference
 from fastattn.triton import attention as tattn
-from helpers import assert_close_to_reference
-from attention_cases import AttentionCase, attention_keep_mask, baseline as _baseline, make_inputs, to64 as _to64
+from attention_cases import AttentionCase, attention_keep_mask, check_against_reference, make_inputs
 from conftest import requires_cuda
 
 
@@ -52,29 +51,7 @@ def _check(case: Case, device: str, expect_dead_rows: bool = False) -> None:
 
 
 def _check_inputs(inputs, options, rng, expect_dead_rows: bool = False) -> None:
-    out, lse, dout, (dq, dk, dv) = _run_triton(inputs, options, rng)
-    keep = tattn.dropout_mask(inputs, options, rng) if options.dropout_p > 0 else None
-    inputs64 = _to64(inputs)
-    out64, lse64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
-    grads64 = reference.backward(dout.double(), out64, lse64, inputs64, options, rng, dropout_mask=keep)
-    base_out, base_lse, base_grads = _baseline(inputs, options, keep, dout)
-
-    assert out.dtype == inputs.dtype and lse.dtype == torch.float32
-    assert lse.shape == (inputs.batch, inputs.nheads, inputs.seqlen_q)
-    assert_close_to_reference(out, out64, base_out, "out")
-    dead = torch.isneginf(lse64)
-    assert torch.equal(torch.isneginf(lse), dead), "lse is -inf exactly on the rows that see no key"
-    assert not torch.isnan(lse).any()
-    live = ~dead
-    assert_close_to_reference(lse[live], lse64[live].double(), base_lse[live], "lse")
-    for name, grad, like, grad64, base in zip(("dq", "dk", "dv"), (dq, dk, dv), (inputs.q, inputs.k, inputs.v),
-                                              grads64, base_grads):
-        assert grad.dtype == like.dtype and grad.shape == like.shape, name
-        assert_close_to_reference(grad, grad64, base, name)
-    if expect_dead_rows:
-        assert dead.any(), "the case was meant to have rows that see no key"
-    dead_rows = dead.transpose(1, 2)  # (B, Lq, H)
-    assert (out[dead_rows] == 0).all() and (dq[dead_rows] == 0).all()
+    check_against_reference(tattn, inputs, options, rng, expect_dead_rows)
 
 
 # --------------------------------------------------------------------------------------------
