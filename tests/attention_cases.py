@@ -99,7 +99,8 @@ def to64(inputs: AttentionInputs) -> AttentionInputs:
     mask = inputs.attn_mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.double()
-    return AttentionInputs(inputs.q.double(), inputs.k.double(), inputs.v.double(), inputs.key_padding_mask, mask)
+    # replace keeps the other fields (alibi_slopes stay fp32, as the reference expects).
+    return dataclasses.replace(inputs, q=inputs.q.double(), k=inputs.k.double(), v=inputs.v.double(), attn_mask=mask)
 
 
 def philox4x32_10(c0, c1, c2, c3, seed: int):

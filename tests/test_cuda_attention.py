@@ -103,7 +103,7 @@ def check_case(runner: Runner, inputs: AttentionInputs, options: AttentionOption
     dout = torch.randn(inputs.q.shape, device=inputs.device, dtype=inputs.dtype)
     out, lse, (dq, dk, dv) = runner(inputs, options, rng, dout)
     keep = cattn.dropout_mask(inputs, options, rng)
-    inputs64 = dataclasses.replace(_to64(inputs), alibi_slopes=inputs.alibi_slopes)
+    inputs64 = _to64(inputs)
     out64, lse64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
     grads64 = reference.backward(dout.double(), out64, lse64, inputs64, options, rng, dropout_mask=keep)
     base_out, base_grads = _baseline(inputs, options, keep, dout)
