@@ -35,11 +35,15 @@ struct FwdTraits {
 
 // Head-dim bucket -> tile configuration (0 spills under 255 registers for sm_80 and sm_90 with
 // the extension's nvcc flags, checked by `fastattn build --check-cuda`). d <= 128: 128 query
-// rows, each of 4 warps owns 2 m-tiles (every K/V fragment feeds two mma), 64-key blocks, 32
-// for d = 128 (the 64 x 4 fp32 output accumulators leave no room for a 64-wide S). d > 128:
-// 64 x 64, one m-tile per warp (the output accumulator alone is d/2 registers).
+// rows, each of 4 warps owns 2 m-tiles (every K/V fragment feeds two mma), 64-key blocks, 48
+// for d = 96 (with the window / softcap / ALiBi code a 64-wide S spilled next to the 96-register
+// O), 32 for d = 128 (the 64 x 4 fp32 output accumulators leave no room for a 64-wide S).
+// d > 128: 64 x 64, one m-tile per warp (the output accumulator alone is d/2 registers).
+template <int kHeadDim>
+constexpr int fwd_block_n() { return kHeadDim == 128 ? 32 : kHeadDim == 96 ? 48 : 64; }
+
 template <typename T, int kHeadDim, bool kIsDropout>
-using FwdTraitsFor = FwdTraits<T, kHeadDim, (kHeadDim <= 128 ? 128 : 64), (kHeadDim == 128 ? 32 : 64), 4, kIsDropout>;
+using FwdTraitsFor = FwdTraits<T, kHeadDim, (kHeadDim <= 128 ? 128 : 64), fwd_block_n<kHeadDim>(), 4, kIsDropout>;
 
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
@@ -72,24 +76,27 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __gri
 
   const T* q_ptr = static_cast<const T*>(params.q) + b * params.q_batch_stride + h * params.q_head_stride +
                    m0 * params.q_row_stride;  // (BM, D) tile of (B, Lq, H, D)
-  const T* k_ptr = static_cast<const T*>(params.k) + b * params.k_batch_stride + hk * params.k_head_stride;
-  const T* v_ptr = static_cast<const T*>(params.v) + b * params.v_batch_stride + hk * params.v_head_stride;
   T* o_ptr = static_cast<T*>(params.out) + b * params.o_batch_stride + h * params.o_head_stride;
   float* lse_ptr = params.lse + (static_cast<int64_t>(b) * params.nheads + h) * Lq;  // (Lq,) of (B, H, Lq)
 
   const BlockRange blocks = key_block_range<BM, BN>(params, m0);
-  const int n_end = blocks.end;
-  if (n_end <= blocks.begin) {
+  // K and V from the first visited block, the loop counted from 0 (block blocks.begin + it).
+  const int n_count = blocks.end - blocks.begin;
+  if (n_count <= 0) {
     store_empty_tile<BM, D, Tr::kNThreads>(params, o_ptr, lse_ptr, m0, tid);
     return;
   }
+  const int k0 = blocks.begin * BN;
+  const T* k_ptr = static_cast<const T*>(params.k) + b * params.k_batch_stride + hk * params.k_head_stride +
+                   k0 * params.k_row_stride;  // (Lk - k0, D) of (B, Lk, Hkv, D)
+  const T* v_ptr = static_cast<const T*>(params.v) + b * params.v_batch_stride + hk * params.v_head_stride +
+                   k0 * params.v_row_stride;
 
   const ScoreMask<T> mask(params, b, h);
   const uint64_t drop_row0 = (static_cast<uint64_t>(b) * params.nheads + h) * Lq;
 
   cp_async_tile<BM, D, Tr::kNThreads>(sQ, q_ptr, params.q_row_stride, Lq - m0, params.head_dim, tid);
-  cp_async_tile<BN, D, Tr::kNThreads>(sK, k_ptr + blocks.begin * BN * params.k_row_stride, params.k_row_stride,
-                                      Lk - blocks.begin * BN, params.head_dim, tid);
+  cp_async_tile<BN, D, Tr::kNThreads>(sK, k_ptr, params.k_row_stride, Lk - k0, params.head_dim, tid);
   cp_async_commit();
 
   const uint32_t sQ_addr = smem_u32(sQ);
@@ -117,11 +124,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __gri
     }
   }
 
-  for (int n = blocks.begin; n < n_end; ++n) {
-    const int n0 = n * BN;
+  for (int it = 0; it < n_count; ++it) {
+    const int n0 = k0 + it * BN;
     cp_async_wait<0>();
     block_sync();  // K[n] (and Q) landed for every thread; every warp is done reading V[n-1]
-    cp_async_tile<BN, D, Tr::kNThreads>(sV, v_ptr + n0 * params.v_row_stride, params.v_row_stride, Lk - n0,
+    cp_async_tile<BN, D, Tr::kNThreads>(sV, v_ptr + it * BN * params.v_row_stride, params.v_row_stride, Lk - n0,
                                         params.head_dim, tid);
     cp_async_commit();
 
@@ -237,8 +244,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __gri
 
     cp_async_wait<0>();
     block_sync();  // V[n] landed; every warp is done reading K[n]
-    if (n + 1 < n_end) {
-      cp_async_tile<BN, D, Tr::kNThreads>(sK, k_ptr + (n0 + BN) * params.k_row_stride, params.k_row_stride,
+    if (it + 1 < n_count) {
+      cp_async_tile<BN, D, Tr::kNThreads>(sK, k_ptr + (it + 1) * BN * params.k_row_stride, params.k_row_stride,
                                           Lk - n0 - BN, params.head_dim, tid);
       cp_async_commit();
     }
