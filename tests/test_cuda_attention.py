@@ -381,6 +381,7 @@ EXTRA_CASES = [
     Case(head_dim=40, softcap=3.0, alibi="bh", window=(7, 7), heads=4, heads_kv=2, seqlen_q=7, seqlen_k=7),
     Case(head_dim=192, softcap=8.0, window=(20, 0), alibi="bh", batch=2, seqlen_q=33, seqlen_k=70,
          deterministic=True, dtype=torch.bfloat16),
+    Case(head_dim=96, softcap=6.0, window=(33, 20), seqlen_q=150, seqlen_k=203, dtype=torch.bfloat16),  # 48-key blocks
 ]
 
 
