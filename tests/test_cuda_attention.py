@@ -779,27 +779,6 @@ def test_gpu_extras_run_on_mma_sync(case, monkeypatch):
 
 
 @requires_cuda
-def test_gpu_public_api_extras():
-    """flash_attention(window_size, softcap, alibi_slopes, backend="cuda") and its autograd give
-    what the primitives give (accuracy is checked above): the options reach the kernels."""
-    case = Case(batch=2, heads=4, heads_kv=2, seqlen_q=300, seqlen_k=300, head_dim=64, causal=True, window=(50, 7),
-                softcap=15.0, alibi="bh")
-    inputs, options, rng = make_inputs(case, "cuda")
-    q, k, v = (t.detach().clone().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
-    out = fastattn.flash_attention(q, k, v, causal=True, window_size=(50, 7), softcap=15.0,
-                                   alibi_slopes=inputs.alibi_slopes, backend="cuda")
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    want_out, want_lse = cattn.forward(inputs, options, rng)
-    want_dq, want_dk, want_dv = cattn.backward(dout, want_out, want_lse, inputs, options, rng)
-    assert torch.equal(out.detach(), want_out)
-    assert torch.equal(k.grad, want_dk) and torch.equal(v.grad, want_dv)
-    torch.testing.assert_close(q.grad, want_dq, atol=2e-2, rtol=2e-2)  # fp32 atomics: order varies
-    plain, _ = cattn.forward(inputs, dataclasses.replace(options, window_left=-1, softcap=0.0), rng)
-    assert not torch.equal(plain, want_out)
-
-
-@requires_cuda
 def test_gpu_dropout_is_self_consistent_and_unbiased():
     case = Case(batch=2, heads=4, heads_kv=4, seqlen_q=256, seqlen_k=256, head_dim=64, dropout_p=0.25)
     inputs, options, rng = make_inputs(case, "cuda")
@@ -822,14 +801,21 @@ def test_gpu_dropout_is_self_consistent_and_unbiased():
 
 
 @requires_cuda
-def test_gpu_public_api_runs_the_primitives():
+@pytest.mark.parametrize("case", [
+    Case(batch=2, heads=8, heads_kv=2, seqlen_q=300, seqlen_k=400, head_dim=64, dtype=torch.bfloat16, causal=True,
+         kpm=True),
+    Case(batch=2, heads=4, heads_kv=2, seqlen_q=300, seqlen_k=300, head_dim=64, causal=True, window=(50, 7),
+         softcap=15.0, alibi="bh"),
+], ids=str)
+def test_gpu_public_api_runs_the_primitives(case):
     """fastattn.flash_attention(backend="cuda") and its autograd give exactly what the
-    primitives give (accuracy itself is checked above)."""
-    case = Case(batch=2, heads=8, heads_kv=2, seqlen_q=300, seqlen_k=400, head_dim=64, dtype=torch.bfloat16,
-                causal=True, kpm=True)
+    primitives give (accuracy itself is checked above): the options (window_size, softcap,
+    alibi_slopes included) reach the kernels."""
     inputs, options, rng = make_inputs(case, "cuda")
     q, k, v = (t.detach().clone().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
-    out = fastattn.flash_attention(q, k, v, causal=True, key_padding_mask=inputs.key_padding_mask, backend="cuda")
+    out = fastattn.flash_attention(q, k, v, causal=case.causal, key_padding_mask=inputs.key_padding_mask,
+                                   window_size=case.window, softcap=case.softcap, alibi_slopes=inputs.alibi_slopes,
+                                   backend="cuda")
     dout = torch.randn_like(out)
     out.backward(dout)
     want_out, want_lse = cattn.forward(inputs, options, rng)

@@ -268,11 +268,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dkdv_kernel(const 
       // the operand of dV), acc_dp becomes dS^T = P^T (dP^T * Z - delta) (Z = keep / (1-p)),
       // times 1 - tanh^2 under softcap (tanh = the capped score * softcap_scale).
       if (has_softcap) {
-#pragma unroll
-        for (int nt = 0; nt < kQT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_s[nt][e] = softcap_score(params, acc_s[nt][e]);
-        }
+        softcap_scores(params, acc_s);
       }
       const bool need_mask = tile_needs_mask<BM, BN>(params, m_start, n0);
       const ScoreMask<T> mask(params, b, h);
@@ -561,11 +557,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_dq_kernel(const __
 
       // dS = P (dP * Z - delta) (x 1 - tanh^2 under softcap), into acc_dp.
       if (has_softcap) {
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_s[nt][e] = softcap_score(params, acc_s[nt][e]);
-        }
+        softcap_scores(params, acc_s);
       }
       const bool need_mask = tile_needs_mask<BM, BN>(params, m0, n0);
       uint32_t keep_bits[2] = {0u, 0u};

@@ -163,13 +163,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const __gri
 
     if (params.has_softcap()) {
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = softcap_score(params, acc_s[mt][nt][e]);
-        }
-      }
+      for (int mt = 0; mt < kMT; ++mt) softcap_scores(params, acc_s[mt]);
     }
 
     // Per-element masking (and ALiBi) only where the tile needs it (scores stay in raw units).

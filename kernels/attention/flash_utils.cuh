@@ -157,6 +157,16 @@ __device__ __forceinline__ float softcap_score(const FlashAttnParams& p, float s
   return p.softcap_raw * fast_tanh(s * p.softcap_scale);
 }
 
+// softcap_score on every element of kTiles accumulator n-tiles.
+template <int kTiles>
+__device__ __forceinline__ void softcap_scores(const FlashAttnParams& p, float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = softcap_score(p, acc[t][e]);
+  }
+}
+
 // Output of a query tile none of whose rows sees a key: 0, lse -inf.
 template <int kBlockM, int kHeadDim, int kNThreads, typename T>
 __device__ __forceinline__ void store_empty_tile(const FlashFwdParams& params, T* o_ptr, float* lse_ptr, int m0,
