@@ -178,8 +178,8 @@ def _visible(rows, cols, cols_ok, lo_shift, hi_shift, IS_CAUSAL: tl.constexpr, H
 def _key_range(start_m, end_m, Lk, lo_shift, hi_shift, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                HAS_LEFT: tl.constexpr):
     """Key bounds of query rows [start_m, end_m) (non-empty): no row sees a key outside
-    [lo, hi) (lo block-aligned), every row sees every key of [full_lo, full_hi) (block-aligned),
-    lo <= full_lo <= full_hi <= hi <= Lk. Blocks outside [lo, hi) are never visited."""
+    [lo, hi) (lo block-aligned; blocks outside are never visited); without a left edge every
+    row sees every key of [0, full_hi) (block-aligned), 0 <= full_hi <= hi <= Lk."""
     if IS_CAUSAL:
         hi = tl.minimum(tl.maximum(end_m + hi_shift, 0), Lk)
         full_hi = tl.minimum(tl.maximum(start_m + hi_shift + 1, 0), Lk) // BLOCK_N * BLOCK_N
@@ -188,12 +188,9 @@ def _key_range(start_m, end_m, Lk, lo_shift, hi_shift, BLOCK_N: tl.constexpr, IS
         full_hi = Lk // BLOCK_N * BLOCK_N
     if HAS_LEFT:
         lo = tl.minimum(tl.maximum(start_m + lo_shift, 0) // BLOCK_N * BLOCK_N, hi)
-        full_lo = tl.minimum((tl.maximum(end_m - 1 + lo_shift, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
-        full_hi = tl.maximum(full_hi, full_lo)
     else:
         lo = 0
-        full_lo = 0
-    return lo, full_lo, full_hi, hi
+    return lo, full_hi, hi
 
 
 @triton.jit
@@ -251,7 +248,7 @@ def _attn_fwd_inner(
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         qk = _mma(q, kT, None, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
         if MASK_KIND == 2 or HAS_SOFTCAP or HAS_ALIBI:
-            qk, _ = _scores_log2(qk, cols[None, :] - (rows[:, None] + shift), qk_scale, softcap_log2, slope_log2,
+            qk, _tanh_s = _scores_log2(qk, cols[None, :] - (rows[:, None] + shift), qk_scale, softcap_log2, slope_log2,
                                  HAS_SOFTCAP, HAS_ALIBI)
             if MASK_KIND == 2:
                 bias = tl.load(m_base + m_offs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
@@ -366,24 +363,19 @@ def _attn_fwd_kernel(
     mask_base = MASK + b64 * stride_mb + h64 * stride_mh + m64 * stride_ml
     mask_row_offs = offs_m * stride_ml
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Lq), Lk, lo_shift, hi_shift,
-                                          BLOCK_N, IS_CAUSAL, HAS_LEFT)
+    lo, full_hi, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Lq), Lk, lo_shift, hi_shift,
+                                 BLOCK_N, IS_CAUSAL, HAS_LEFT)
+    if HAS_LEFT:
+        # One masked loop over the band: most of a window's blocks are edge blocks, and a
+        # third copy of the loop spilled registers (AOT).
+        full_hi = lo
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_LEFT:
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, mask_base,
-            stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-            start_m, rows, rows_ok, offs_d, bh, lo, full_lo, Lk, lo_shift, hi_shift, shift, qk_scale, softcap_log2,
-            slope_log2, dropout_p, seed, rng_offset,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, HAS_KPM, MASK_KIND,
-            HAS_DROPOUT, DOT_PRECISION, UPCAST,
-        )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, kpm_base, mask_base,
         stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-        start_m, rows, rows_ok, offs_d, bh, full_lo, full_hi, Lk, lo_shift, hi_shift, shift, qk_scale, softcap_log2,
+        start_m, rows, rows_ok, offs_d, bh, lo, full_hi, Lk, lo_shift, hi_shift, shift, qk_scale, softcap_log2,
         slope_log2, dropout_p, seed, rng_offset,
         HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, HAS_KPM, MASK_KIND,
         HAS_DROPOUT, DOT_PRECISION, UPCAST,
@@ -790,22 +782,15 @@ def _attn_bwd_dq_kernel(
     mask_base = MASK + b64 * stride_mb + h64 * stride_mh + m64 * stride_ml
     mask_row_offs = offs_m * stride_ml
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Lq), Lk, lo_shift, hi_shift,
-                                          BLOCK_N, IS_CAUSAL, HAS_LEFT)
-    dq = tl.zeros([BLOCK_M, BLOCK_D // D_SPLIT], tl.float32)
+    lo, full_hi, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Lq), Lk, lo_shift, hi_shift,
+                                 BLOCK_N, IS_CAUSAL, HAS_LEFT)
     if HAS_LEFT:
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, kpm_base, mask_base,
-            stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-            start_m, rows, rows_ok, offs_d, offs_dout, bh, lo, full_lo, Lk, lo_shift, hi_shift, shift, qk_scale,
-            softcap_log2, slope_log2, dropout_p, seed, rng_offset,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, HAS_KPM, MASK_KIND,
-            HAS_DROPOUT, DOT_PRECISION, UPCAST, D_SPLIT,
-        )
+        full_hi = lo  # one masked loop over the band, as in the forward
+    dq = tl.zeros([BLOCK_M, BLOCK_D // D_SPLIT], tl.float32)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, kpm_base, mask_base,
         stride_kl, stride_vl, stride_kpml, stride_mk, mask_row_offs,
-        start_m, rows, rows_ok, offs_d, offs_dout, bh, full_lo, full_hi, Lk, lo_shift, hi_shift, shift, qk_scale,
+        start_m, rows, rows_ok, offs_d, offs_dout, bh, lo, full_hi, Lk, lo_shift, hi_shift, shift, qk_scale,
         softcap_log2, slope_log2, dropout_p, seed, rng_offset,
         HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, HAS_KPM, MASK_KIND,
         HAS_DROPOUT, DOT_PRECISION, UPCAST, D_SPLIT,
@@ -901,7 +886,7 @@ def _attn_decode_kernel(
     # This split's share of the keys any row of the block sees, in whole BLOCK_N steps.
     first_q = pid_m * BLOCK_M // group
     last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq * group) - 1
-    lo, _, _, hi = _key_range(first_q, last_q // group + 1, Lk, lo_shift, hi_shift, BLOCK_N, IS_CAUSAL, HAS_LEFT)
+    lo, _full_hi, hi = _key_range(first_q, last_q // group + 1, Lk, lo_shift, hi_shift, BLOCK_N, IS_CAUSAL, HAS_LEFT)
     chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
     split_lo = lo + split * chunk
     split_hi = tl.minimum(split_lo + chunk, hi)
@@ -933,7 +918,7 @@ def _attn_decode_kernel(
         kT = tl.load(k_base + k_offs[None, :] + offs_d[:, None], mask=d_ok[:, None] & cols_ok[None, :], other=0.0)
         v = tl.load(v_base + v_offs[:, None] + offs_d[None, :], mask=cols_ok[:, None] & d_ok[None, :], other=0.0)
         qk = _mma(q, kT, None, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
-        s, _ = _scores_log2(qk, cols[None, :] - (qi[:, None] + shift), qk_scale, softcap_log2, slope_log2,
+        s, _tanh_s = _scores_log2(qk, cols[None, :] - (qi[:, None] + shift), qk_scale, softcap_log2, slope_log2,
                             HAS_SOFTCAP, HAS_ALIBI)
         visible = _visible(qi[:, None], cols[None, :], cols_ok[None, :], lo_shift, hi_shift, IS_CAUSAL, HAS_LEFT)
         s = tl.where(visible, s, _NEG_INF)
@@ -1004,8 +989,10 @@ class KernelConfig:
     ``masked``: True: only for launches with dropout or an attn_mask (a score-shaped tile
     generated or loaded per step costs registers, and the large tiles spilled with it); False:
     only for launches with neither; None: both. ``kpm``: also serves launches with a
-    key_padding_mask (False where that spilled). ``d_split`` (backward only): programs per key
-    block (dK/dV) or query block (dQ), each accumulating BLOCK_D / d_split gradient columns."""
+    key_padding_mask (False where that spilled). ``window``: also serves launches with a left
+    window edge or cu_seqlens (False where that spilled). ``d_split`` (backward only): programs
+    per key block (dK/dV) or query block (dQ), each accumulating BLOCK_D / d_split gradient
+    columns."""
 
     block_m: int
     block_n: int
@@ -1016,6 +1003,7 @@ class KernelConfig:
     masked: Optional[bool] = False
     d_split: int = 1
     kpm: bool = True
+    window: bool = True
 
     @property
     def launch_key(self) -> tuple:
@@ -1032,8 +1020,8 @@ class KernelConfig:
     def triton_config(self, kernel: str) -> "triton.Config":
         return triton.Config(self.meta(kernel), num_warps=self.num_warps, num_stages=self.num_stages)
 
-    def serves(self, masked: bool, kpm: bool = False) -> bool:
-        return (self.masked is None or self.masked == masked) and (self.kpm or not kpm)
+    def serves(self, masked: bool, kpm: bool = False, window: bool = False) -> bool:
+        return (self.masked is None or self.masked == masked) and (self.kpm or not kpm) and (self.window or not window)
 
     def shared_bytes_estimate(self, kernel: str, block_d: int, elem: int) -> int:
         """Pipelined operand tiles (plus dK/dV's transposed q and dO tiles, plus an attn_mask
@@ -1059,7 +1047,8 @@ _FP32_CONFIGS = {
     80: {
         "fwd": (KernelConfig(16, 16, 8, 2, _ALL_D, True, None),),
         "dkdv": (KernelConfig(16, 16, 8, 2, _FP32_D128, True, None), KernelConfig(16, 16, 4, 2, (256,), True, None, 2)),
-        "dq": (KernelConfig(16, 16, 8, 2, _FP32_D128, True, None), KernelConfig(16, 16, 8, 2, (256,), True, None, 2)),
+        # Two programs per query block spilled 8 B once the window / varlen arguments came.
+        "dq": (KernelConfig(16, 16, 8, 2, _FP32_D128, True, None), KernelConfig(16, 16, 8, 2, (256,), True, None, 4)),
     },
     90: {
         "fwd": (KernelConfig(16, 16, 8, 2, _ALL_D, True, None),),
@@ -1106,8 +1095,9 @@ SHIPPED_CONFIGS: dict[int, dict[str, tuple[KernelConfig, ...]]] = {
     },
     90: {
         "fwd": (
-            KernelConfig(128, 128, 8, 3, _SMALL_D),
-            KernelConfig(128, 128, 8, 2, _SMALL_D),
+            # With a left window edge and cu_seqlens both spilled 8-16 B (AOT, D=64).
+            KernelConfig(128, 128, 8, 3, _SMALL_D, window=False),
+            KernelConfig(128, 128, 8, 2, _SMALL_D, window=False),
             KernelConfig(64, 64, 4, 3, _SMALL_D),
             KernelConfig(128, 64, 8, 3, (128,)),
             KernelConfig(128, 64, 8, 2, (128,)),
@@ -1128,7 +1118,8 @@ SHIPPED_CONFIGS: dict[int, dict[str, tuple[KernelConfig, ...]]] = {
             # 64 x 256 accumulators of a wgmma tile spilled, and 32 keys are too few for wgmma.
             KernelConfig(16, 64, 8, 2, (256,), d_split=2),
             KernelConfig(16, 64, 8, 2, _SMALL_D + (128,), masked=True),
-            KernelConfig(16, 64, 8, 2, (256,), masked=True, d_split=4),
+            # Four programs spilled 56 B with softcap and ALiBi on top of the masks.
+            KernelConfig(16, 64, 8, 2, (256,), masked=True, d_split=8),
         ) + _FP32_CONFIGS[90]["dkdv"],
         "dq": (
             KernelConfig(128, 64, 8, 3, _SMALL_D),
@@ -1172,10 +1163,16 @@ class DecodeConfig:
 DECODE_SPLIT_MAX_SEQLEN_Q = 16
 #: Most splits of one (batch, kv head): the combine reads one partial row per split.
 DECODE_MAX_SPLITS = 64
-#: Packed row blocks shipped for fp16/bf16 (tl.dot needs 16 rows; 64 is one wgmma warpgroup)
-#: and for fp32 (IEEE FMA dots hold whole rows in registers: keep the tile small).
-DECODE_BLOCK_MS = {False: (16, 32, 64), True: (16,)}
 INTERPRETER_DECODE_CONFIG = DecodeConfig(16, 16, 4, 1)
+
+
+def decode_block_ms(arch: int, block_d: int, fp32: bool) -> tuple[int, ...]:
+    """Packed row blocks shipped: tl.dot needs 16 rows; 64 rows (one wgmma warpgroup) only on
+    sm_90 up to D=128 (64 x 256 and sm_80's 64 x 128 spilled, AOT); fp32 IEEE dots hold
+    whole rows in registers: 16."""
+    if fp32:
+        return (16,)
+    return (16, 32, 64) if arch == 90 and block_d <= 128 else (16, 32)
 
 
 def _decode_block_m(rows: int, largest: int) -> int:
@@ -1186,7 +1183,7 @@ def decode_config(arch: int, rows: int, block_d: int, fp32: bool) -> DecodeConfi
     """The shipped KV-cache config for ``rows`` = Lq * (nheads // nheads_kv) packed rows.
     Decoding reads every K/V byte once, so BLOCK_N only needs to keep loads in flight; half
     the keys per step at D=256 keeps the tiles in registers (AOT: no spills)."""
-    block_m = _decode_block_m(rows, max(DECODE_BLOCK_MS[fp32]))
+    block_m = _decode_block_m(rows, max(decode_block_ms(arch, block_d, fp32)))
     if fp32:
         return DecodeConfig(block_m, 32 if block_d <= 128 else 16, 4, 2)
     return DecodeConfig(block_m, 64 if block_d <= 128 else 32, 4, 3 if arch == 90 else 2)
@@ -1224,16 +1221,18 @@ def _max_shared_bytes(device_index: int) -> int:
 
 def select_configs(
     kernel: str, arch: int, block_d: int, elem_size: int, shared_limit: int, has_dropout: bool = False,
-    has_mask: bool = False, has_kpm: bool = False,
+    has_mask: bool = False, has_kpm: bool = False, has_window: bool = False,
 ) -> list[KernelConfig]:
     """The shipped configs the autotuner may try: those for this BLOCK_D, dtype class and
-    launch kind (with dropout or an attn_mask, or with neither; with a key_padding_mask: see
-    ``KernelConfig.masked`` and ``kpm``) whose tiles fit in ``shared_limit`` bytes, else (a
+    launch kind (with dropout or an attn_mask / softcap / ALiBi (``has_mask``), or with
+    neither; with a key_padding_mask: see
+    ``KernelConfig.masked`` and ``kpm``; with a left window edge or cu_seqlens:
+    ``window``) whose tiles fit in ``shared_limit`` bytes, else (a
     GPU with less shared memory) the one with the smallest estimate. Never empty."""
     fp32 = elem_size == 4
     masked = has_dropout or has_mask
     candidates = [c for c in SHIPPED_CONFIGS[arch][kernel]
-                  if block_d in c.block_ds and c.fp32 == fp32 and c.serves(masked, has_kpm)]
+                  if block_d in c.block_ds and c.fp32 == fp32 and c.serves(masked, has_kpm, has_window)]
     fitting = [c for c in candidates if c.shared_bytes_estimate(kernel, block_d, elem_size) <= shared_limit]
     return fitting or [min(candidates, key=lambda c: c.shared_bytes_estimate(kernel, block_d, elem_size))]
 
@@ -1241,8 +1240,11 @@ def select_configs(
 def _prune(kernel: str, arch: int, configs, named_args, **kwargs):
     q = named_args["Q"]
     device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    # Softcap and ALiBi change every score elementwise, as an attn_mask does: the masked configs.
+    score_work = kwargs["MASK_KIND"] != 0 or kwargs["HAS_SOFTCAP"] or kwargs["HAS_ALIBI"]
     chosen = select_configs(kernel, arch, kwargs["BLOCK_D"], q.element_size(), _max_shared_bytes(device_index),
-                            kwargs["HAS_DROPOUT"], kwargs["MASK_KIND"] != 0, kwargs["HAS_KPM"])
+                            kwargs["HAS_DROPOUT"], score_work, kwargs["HAS_KPM"],
+                            kwargs["HAS_LEFT"] or kwargs["IS_VARLEN"])
     keys = {c.launch_key for c in chosen}
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                                    c.kwargs.get("D_SPLIT", 1)) in keys]
@@ -1546,9 +1548,10 @@ def dropout_mask(inputs: AttentionInputs, options: AttentionOptions, rng: RngSta
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time compilation specs (protocol of fastattn.triton.aot)
 # --------------------------------------------------------------------------------------------
-_TENSOR_ARGS = {"Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"}
-_FP32_ARGS = {"LSE", "DELTA", "qk_scale", "softmax_scale", "dropout_p"}
+_TENSOR_ARGS = {"Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ", "K_CACHE", "V_CACHE"}
+_FP32_ARGS = {"LSE", "DELTA", "ALIBI", "O_PART", "LSE_PART", "qk_scale", "softmax_scale", "softcap_log2", "dropout_p"}
 _BYTE_ARGS = {"KPM", "MASK", "KEEP"}
+_INT32_ARGS = {"CU_Q", "CU_K", "CACHE_SEQLENS", "BLOCK_TABLE", "CACHE_BATCH_IDX"}
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: Arguments that a typical launch makes 16-divisible (pointers and q/k/v/o strides), so the
 #: AOT build vectorizes its loads as the run-time specialization does.
@@ -1558,7 +1561,8 @@ AOT_DIVISIBLE_BY_16 = tuple(
 
 
 def aot_name(kernel: str, cfg: KernelConfig, features: str) -> str:
-    """Name of the AOT spec of ``cfg`` compiled for ``features`` ("causal" / "all-features")."""
+    """Name of the AOT spec of ``cfg`` compiled for ``features`` ("causal" / "window-varlen" /
+    "all-features")."""
     dtype = "fp32" if cfg.fp32 else "bf16"
     split = f" split{cfg.d_split}" if cfg.d_split > 1 else ""
     return (f"{kernel} {dtype} D{max(cfg.block_ds)} {features} "
@@ -1578,6 +1582,8 @@ def _aot_signature(kernel, dtype: torch.dtype, constexprs: dict, ones: tuple = (
             signature[name] = "*" + _TRITON_DTYPE[dtype]
         elif name in _BYTE_ARGS:
             signature[name] = "*u8"
+        elif name in _INT32_ARGS:
+            signature[name] = "*i32"
         elif name in _FP32_ARGS:
             signature[name] = "*fp32" if name.isupper() else "fp32"
         else:
@@ -1588,23 +1594,32 @@ def _aot_signature(kernel, dtype: torch.dtype, constexprs: dict, ones: tuple = (
 def aot_specs(arch: int):
     """One AotSpec per shipped configuration of the forward, dK/dV and dQ kernels for
     ``sm_<arch>`` and per kind of launch it serves, at the largest BLOCK_D it serves, bf16
-    (fp32 for the fp32 configs): "causal" (no masks, no dropout: the performance path) and
-    "all-features" (causal, key_padding_mask, additive attn_mask and dropout: the heaviest
-    masked launch); plus the backward preprocess."""
+    (fp32 for the fp32 configs): "causal" (no masks, no dropout: the performance path),
+    "window-varlen" (causal plus a left window edge and cu_seqlens, with a key_padding_mask
+    where the config serves one: a superset of the other launches the performance configs
+    serve) and "all-features" (causal, left window edge, cu_seqlens, key_padding_mask,
+    additive attn_mask, dropout, softcap and ALiBi: a superset of every masked launch); the
+    backward preprocess; and the KV-cache kernels (:func:`decode_aot_specs`)."""
     from fastattn.triton.aot import AotSpec
 
     family = arch_family((arch // 10, arch % 10))
-    base = dict(IS_CAUSAL=True, HAS_KPM=False, MASK_KIND=0, HAS_DROPOUT=False, UPCAST=False)
-    full = dict(base, HAS_KPM=True, MASK_KIND=2, HAS_DROPOUT=True)
-    # A launch with masks passes their contiguous last stride, 1, which triton makes a constant.
-    variants = (("causal", base, (), False), ("all-features", full, ("stride_kpml", "stride_mk"), True))
+    base = dict(IS_CAUSAL=True, HAS_LEFT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, IS_VARLEN=False, HAS_KPM=False,
+                MASK_KIND=0, HAS_DROPOUT=False, UPCAST=False)
+    window = dict(base, HAS_LEFT=True, IS_VARLEN=True)
+    full = dict(window, HAS_KPM=True, MASK_KIND=2, HAS_DROPOUT=True, HAS_SOFTCAP=True, HAS_ALIBI=True)
     for kernel, configs in SHIPPED_CONFIGS[family].items():
         jit_fn = _KERNELS[kernel]
         for cfg in configs:
             block_d = max(cfg.block_ds)
             dtype = torch.float32 if cfg.fp32 else torch.bfloat16
+            # A launch with masks passes their contiguous last stride, 1, which triton makes a constant.
+            variants = (
+                ("causal", base, (), False),
+                ("window-varlen", dict(window, HAS_KPM=cfg.kpm), ("stride_kpml",) if cfg.kpm else (), False),
+                ("all-features", full, ("stride_kpml", "stride_mk"), True),
+            )
             for features, flags, ones, masked in variants:
-                if not cfg.serves(masked):
+                if not cfg.serves(masked, window=flags["HAS_LEFT"]):
                     continue
                 constexprs = dict(
                     flags, **cfg.meta(kernel), HEAD_DIM=block_d, BLOCK_D=block_d,
@@ -1618,3 +1633,44 @@ def aot_specs(arch: int):
         _attn_bwd_preprocess_kernel, torch.bfloat16, dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_M=_preprocess_block_m(256))
     )
     yield AotSpec("bwd_preprocess bf16 D256", _attn_bwd_preprocess_kernel, signature, constexprs, 4, 1)
+    yield from decode_aot_specs(arch)
+
+
+#: BLOCK_D at which each shipped KV-cache config is compiled: the largest of each BLOCK_N step.
+DECODE_AOT_BLOCK_DS = (128, 256)
+
+
+def decode_aot_name(cfg: DecodeConfig, fp32: bool, block_d: int, layout: str) -> str:
+    dtype = "fp32" if fp32 else "bf16"
+    return (f"decode {dtype} D{block_d} {layout} M{cfg.block_m} N{cfg.block_n} "
+            f"w{cfg.num_warps} s{cfg.num_stages}")
+
+
+def decode_aot_specs(arch: int):
+    """The KV-cache kernel for every shipped (dtype class, BLOCK_M, BLOCK_N) at the largest
+    BLOCK_D of its BLOCK_N, with every flag on (causal, left window, softcap, ALiBi), writing
+    the fp32 split workspace, for a paged and a contiguous (cache_batch_idx) cache; plus the
+    combine kernel."""
+    from fastattn.triton.aot import AotSpec
+
+    family = arch_family((arch // 10, arch % 10))
+    flags = dict(IS_CAUSAL=True, HAS_LEFT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, UPCAST=False)
+    for fp32 in (False, True):
+        dtype = torch.float32 if fp32 else torch.bfloat16
+        for block_d in DECODE_AOT_BLOCK_DS:
+            for block_m in decode_block_ms(family, block_d, fp32):
+                cfg = decode_config(family, block_m, block_d, fp32)
+                for layout, paged in (("paged", True), ("contiguous", False)):
+                    constexprs = dict(flags, PAGED=paged, HAS_BATCH_IDX=not paged, HEAD_DIM=block_d, BLOCK_D=block_d,
+                                      DOT_PRECISION="ieee" if fp32 else "tf32", BLOCK_M=cfg.block_m,
+                                      BLOCK_N=cfg.block_n)
+                    signature, constexprs = _aot_signature(_attn_decode_kernel, dtype, constexprs)
+                    signature["OUT"] = "*fp32"  # the split workspace
+                    divisible = tuple(n for n in AOT_DIVISIBLE_BY_16 if n in signature)
+                    yield AotSpec(decode_aot_name(cfg, fp32, block_d, layout), _attn_decode_kernel, signature,
+                                  constexprs, cfg.num_warps, cfg.num_stages, divisible)
+    signature, constexprs = _aot_signature(
+        _attn_decode_combine_kernel, torch.bfloat16, dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_S=DECODE_MAX_SPLITS)
+    )
+    signature["O_PART"] = "*fp32"
+    yield AotSpec("decode_combine bf16 D256", _attn_decode_combine_kernel, signature, constexprs, 4, 1)
