@@ -1,7 +1,17 @@
 """Scaled-dot-product attention: validation, the shared autograd layer, public functions.
 
-Data path: public function -> validate -> AttentionOptions -> backends.select ->
-AttentionFunction.apply -> backend ``attention`` module ``forward``/``backward``.
+Data path: public function -> validate -> AttentionOptions -> custom op
+``fastattn::flash_attn_forward(q, k, v, key_padding_mask, attn_mask, options, backend)``, whose
+body runs backends.select and the backend ``attention`` module's ``forward``; its registered
+autograd calls ``fastattn::flash_attn_backward`` -> the same backend's ``backward``.
+
+The two custom ops are the one autograd layer of every backend, and what torch.compile and
+torch.export see (one opaque node each, no graph break): ``register_fake`` gives their output
+shapes, ``register_autograd`` joins them. Options travel as a canonical string, the backend
+request as a name ("" = automatic, resolved inside the op at run time so ``use_backend`` works
+in compiled code), and the chosen backend and dropout seed come back as a small int64 "call
+state" tensor saved for backward (see fastattn/ops/_custom_op.py). These are not the C++
+``fastattn::attention_fwd`` / ``attention_bwd`` kernels of csrc/, which the cuda backend calls.
 """
 
 from __future__ import annotations
@@ -11,10 +21,10 @@ from typing import Optional, Union
 
 import torch
 
-from fastattn.backends import select
 from fastattn.ops import _checks as checks
-from fastattn.ops._amp import autocast_dtype, autocast_off, cast_for_autocast
-from fastattn.options import AttentionInputs, AttentionOptions, RngState
+from fastattn.ops import _custom_op
+from fastattn.ops._amp import autocast_dtype, cast_for_autocast
+from fastattn.options import AttentionInputs, AttentionOptions
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,30 +68,77 @@ def _validate_options(softmax_scale, dropout_p, head_dim: int, **flags) -> tuple
 
 
 # --------------------------------------------------------------------------------------------
-# The one autograd layer, shared by every backend
+# The one autograd layer, shared by every backend: two custom ops
 # --------------------------------------------------------------------------------------------
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, attn_mask, options: AttentionOptions, backend):
-        inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
-        rng = RngState.draw() if options.dropout_p > 0 else None
-        with autocast_off(q.device):
-            out, lse = backend.forward("attention", inputs, options, rng)
-        ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, out, lse)
-        ctx.options, ctx.backend, ctx.rng = options, backend, rng
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+@torch.library.custom_op("fastattn::flash_attn_forward", mutates_args=(), tags=_custom_op.RANDOM_OP_TAGS)
+def _attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    options: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensors as in :class:`AttentionInputs`; ``options``: encoded AttentionOptions;
+    ``backend``: requested name or "" (automatic). Returns out (B, Lq, H, D) in q's dtype,
+    lse (B, H, Lq) fp32 and the call state (3,) int64 CPU (backend, dropout seed, offset)."""
+    inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
+    (out, lse), _, state = _custom_op.run_forward("attention", inputs, AttentionOptions, options, backend)
+    out, lse = _custom_op.finalize((out, lse), (q, k, v, key_padding_mask, attn_mask))
+    return out, lse, state
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dlse):
-        q, k, v, key_padding_mask, attn_mask, out, lse = ctx.saved_tensors
-        inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
-        with autocast_off(q.device):
-            dq, dk, dv = ctx.backend.backward(
-                "attention", dout.contiguous(), out, lse, inputs, ctx.options, ctx.rng
-            )
-        return dq, dk, dv, None, None, None, None
+
+@_attention_forward.register_fake
+def _attention_forward_fake(q, k, v, key_padding_mask, attn_mask, options, backend):
+    b, lq, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, lq), dtype=torch.float32), _custom_op.call_state_fake()
+
+
+@torch.library.custom_op("fastattn::flash_attn_backward", mutates_args=())
+def _attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    state: torch.Tensor,
+    options: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dout (B, Lq, H, D); the forward's inputs and outputs. Returns dq (B, Lq, H, D) and
+    dk, dv (B, Lk, Hkv, D) in the inputs' dtypes."""
+    inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
+    opts = _custom_op.decode_options(AttentionOptions, options)
+    grads = _custom_op.run_backward("attention", state, inputs, opts, dout.contiguous(), out, lse)
+    return _custom_op.finalize(grads, (dout, q, k, v, key_padding_mask, attn_mask, out, lse))
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(dout, q, k, v, key_padding_mask, attn_mask, out, lse, state, options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, attn_mask, options, _backend = inputs
+    out, lse, state = output
+    ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, out, lse, state)
+    ctx.options = options
+    ctx.mark_non_differentiable(lse, state)
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward_rule(ctx, dout, _dlse, _dstate):
+    q, k, v, key_padding_mask, attn_mask, out, lse, state = ctx.saved_tensors
+    if dout is None:  # out took no part in the loss
+        return None, None, None, None, None, None, None
+    dq, dk, dv = _attention_backward(dout, q, k, v, key_padding_mask, attn_mask, out, lse, state, ctx.options)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_forward.register_autograd(_attention_backward_rule, setup_context=_attention_setup_context)
 
 
 def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str]):
@@ -93,10 +150,11 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
             key_padding_mask=inputs.key_padding_mask,
             attn_mask=mask if mask is None or mask.dtype in (torch.bool, torch.float32) else mask.to(amp),
         )
-    chosen = select("attention", inputs, options, backend)
-    return AttentionFunction.apply(
-        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, options, chosen
+    out, lse, _state = _attention_forward(
+        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask,
+        _custom_op.encode_options(options), _custom_op.backend_request(backend),
     )
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------------
