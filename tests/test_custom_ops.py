@@ -72,6 +72,21 @@ def test_options_codec_needs_no_change_for_new_fields():
 # --------------------------------------------------------------------------------------------
 # opcheck: schema, fake tensors, autograd registration, AOT dispatch (dynamic shapes)
 # --------------------------------------------------------------------------------------------
+def _rng(options):
+    """The forward ops' rng argument: (seed, offset) with dropout, else None."""
+    return torch.tensor([12345, 678], dtype=torch.int64) if options.dropout_p > 0 else None
+
+
+def test_opcheck_dropout_seed():
+    draws = torch.zeros((), dtype=torch.int64)
+    torch.library.opcheck(OPS.dropout_seed, (draws,))
+    torch.manual_seed(5)
+    first = OPS.dropout_seed(draws)
+    torch.manual_seed(5)
+    assert torch.equal(OPS.dropout_seed(draws), first), "the seed comes from torch's generator"
+    assert first.shape == (2,) and first.dtype == torch.int64 and int(draws) == 2  # opcheck used clones
+
+
 ATTENTION_CASES = {
     "causal": (AttentionOptions(softmax_scale=0.3, causal=True), 4, None, None),
     "gqa_top_left": (AttentionOptions(softmax_scale=0.3, causal=True, causal_alignment="top_left"), 2, None, None),
@@ -92,7 +107,7 @@ def test_opcheck_attention(case):
         attn_mask = torch.rand(b, 1, lq, lk).expand(b, h, lq, lk) > 0.3  # stride-0 head dim
     elif mask_dtype is not None:
         attn_mask = torch.randn(b, h, lq, lk, dtype=mask_dtype)
-    args = (q, k, v, key_padding_mask, attn_mask, _custom_op.encode_options(options), "reference")
+    args = (q, k, v, key_padding_mask, attn_mask, _custom_op.encode_options(options), "reference", _rng(options))
 
     def backward_args(outputs):
         out, lse, state = outputs
@@ -120,7 +135,7 @@ def test_opcheck_norm(case):
     residual = _randn(m, n, dtype=dtype) if has_residual else None
     weight = _randn(n, dtype=dtype) if has_weight else None
     bias = _randn(n, dtype=dtype) if has_bias else None
-    args = (x, residual, weight, bias, _custom_op.encode_options(options), "reference")
+    args = (x, residual, weight, bias, _custom_op.encode_options(options), "reference", _rng(options))
 
     def backward_args(outputs):
         y, h, mean, rstd, state = outputs
@@ -148,7 +163,7 @@ def test_opcheck_ffn(case):
     d_hidden = 2 * d_ff if options.activation == "swiglu" else d_ff
     x, w1, w2 = _randn(m, d_model), _randn(d_hidden, d_model), _randn(d_out, d_ff)
     b1, b2 = (_randn(d_hidden), _randn(d_out)) if has_bias else (None, None)
-    args = (x, w1, b1, w2, b2, _custom_op.encode_options(options), "reference")
+    args = (x, w1, b1, w2, b2, _custom_op.encode_options(options), "reference", _rng(options))
 
     def backward_args(outputs):
         y, z, state = outputs
@@ -162,15 +177,18 @@ def test_opcheck_ffn(case):
 # torch.compile(fullgraph=True) with inductor: forward and backward equal eager, dropout too
 # --------------------------------------------------------------------------------------------
 def _all_functions(q, k, v, x, residual, weight, bias, w1, b1, w2, b2):
-    """Every public function once, chained; dropout in four of them (one RNG draw each)."""
+    """Every public function, dropout in most. The norm of x and the last two FFNs depend on
+    nothing before them: a compiler may run them earlier, yet each must get its eager draw."""
+    side = fastattn.rms_norm(x, None, weight, dropout_p=0.4)  # independent of the attention
     a = fastattn.flash_attention(q, k, v, causal=True, dropout_p=0.2)  # (B, L, H, D)
     s = fastattn.scaled_dot_product_attention(a.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True, dropout_p=0.1)  # (B, H, L, D)
-    flat = s.transpose(1, 2).flatten(2) + x  # (B, L, C)
+    flat = s.transpose(1, 2).flatten(2) + side  # (B, L, C)
     y, h = fastattn.add_layer_norm(flat, residual, weight, bias, dropout_p=0.3, prenorm=True)
     r = fastattn.rms_norm(y, h, weight, eps=1e-6)
     f = fastattn.feed_forward(r, w1, b1, w2, b2, activation="swiglu", dropout_p=0.25)
-    return f + fastattn.feed_forward(r, w1, None, w2, None, activation="swiglu", recompute=True)
+    g = fastattn.feed_forward(x, w1, None, w2, None, activation="swiglu", dropout_p=0.5, recompute=True)
+    return f + g
 
 
 def _function_inputs():

@@ -14,8 +14,12 @@ call, forward and backward, with no graph break. A schema carries only tensors a
   requested name (an empty string: the automatic choice, ``use_backend`` or
   ``FASTATTN_BACKEND``), because a ContextVar cannot be read while dynamo traces; a compiled
   graph therefore honours ``use_backend`` at each call, as eager code does, and needs no guard.
-- Dropout's :class:`RngState` is drawn inside the forward op from torch's default CPU generator
-  (as eager always did), so compiled and eager runs with the same seed draw the same masks.
+- Dropout's :class:`RngState` is drawn by its own op, ``fastattn::dropout_seed``, called just
+  before the forward op, from torch's default CPU generator as eager always did. The compiler
+  may reorder independent ops (inductor does), which would hand the draws to other calls; so
+  each draw also increments one shared counter tensor (a mutated argument), which chains the
+  draws in program order. Compiled and eager runs with the same seed thus draw the same masks.
+  (The forward op itself cannot mutate: a mutating custom op cannot have an autograd formula.)
 - The chosen backend (its index in ``registered_names()``) and the RngState leave the forward op
   as one int64 CPU tensor, the *call state* ``(backend, seed, offset)``, saved for backward.
 """
@@ -32,10 +36,6 @@ import torch
 from fastattn.backends import Backend, get_backend, registered_names, select
 from fastattn.ops._amp import autocast_off
 from fastattn.options import RngState
-
-#: The forward ops draw dropout randomness: never merged or recomputed by the compiler.
-RANDOM_OP_TAGS = (torch.Tag.nondeterministic_seeded,)
-
 
 # --------------------------------------------------------------------------------------------
 # Options <-> schema string
@@ -70,6 +70,30 @@ def backend_request(backend: Optional[str]) -> str:
     return get_backend(backend).name
 
 
+#: How many dropout seeds were drawn: the argument every draw mutates, to keep draw order.
+_DRAWS = torch.zeros((), dtype=torch.int64)
+
+
+# nondeterministic_seeded: never merged with another draw or recomputed by the compiler
+@torch.library.custom_op("fastattn::dropout_seed", mutates_args=("draws",), tags=(torch.Tag.nondeterministic_seeded,))
+def _dropout_seed(draws: torch.Tensor) -> torch.Tensor:
+    """(2,) int64 CPU: a dropout RngState (seed, offset) drawn from torch's default CPU
+    generator; ``draws`` (a () int64 CPU counter) is incremented."""
+    draws.add_(1)
+    rng = RngState.draw()
+    return torch.tensor([rng.seed, rng.offset], dtype=torch.int64)
+
+
+@_dropout_seed.register_fake
+def _dropout_seed_fake(draws):
+    return torch.empty((2,), dtype=torch.int64, device="cpu")
+
+
+def draw_rng(dropout_p: float) -> Optional[torch.Tensor]:
+    """The forward op's ``rng`` argument: a fresh (seed, offset) with dropout, else None."""
+    return _dropout_seed(_DRAWS) if dropout_p > 0 else None
+
+
 def call_state(backend: Backend, rng: Optional[RngState]) -> torch.Tensor:
     """(3,) int64 on the CPU: backend index, dropout seed, offset (0, 0 without dropout)."""
     seed, offset = (rng.seed, rng.offset) if rng is not None else (0, 0)
@@ -88,12 +112,12 @@ def unpack_call_state(state: torch.Tensor, dropout: bool) -> tuple[Backend, Opti
 # --------------------------------------------------------------------------------------------
 # The op bodies' common part
 # --------------------------------------------------------------------------------------------
-def run_forward(op: str, inputs, options_type: type, options: str, backend: str):
-    """Inside a forward op: decode the options, select the backend, draw the dropout RngState,
-    run the backend's forward with autocast off. Returns (result, options, call state)."""
+def run_forward(op: str, inputs, options_type: type, options: str, backend: str, rng: Optional[torch.Tensor]):
+    """Inside a forward op: decode the options, select the backend, run its forward with
+    autocast off (``rng``: :func:`draw_rng`'s tensor). Returns (result, options, call state)."""
     opts = decode_options(options_type, options)
     chosen = select(op, inputs, opts, backend or None)
-    rng = RngState.draw() if opts.dropout_p > 0 else None
+    rng = None if rng is None else RngState(*rng.tolist())
     with autocast_off(inputs.device):
         result = chosen.forward(op, inputs, opts, rng)
     return result, opts, call_state(chosen, rng)

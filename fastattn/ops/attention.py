@@ -1,9 +1,10 @@
 """Scaled-dot-product attention: validation, the shared autograd layer, public functions.
 
-Data path: public function -> validate -> AttentionOptions -> custom op
-``fastattn::flash_attn_forward(q, k, v, key_padding_mask, attn_mask, options, backend)``, whose
-body runs backends.select and the backend ``attention`` module's ``forward``; its registered
-autograd calls ``fastattn::flash_attn_backward`` -> the same backend's ``backward``.
+Data path: public function -> validate -> AttentionOptions -> (with dropout) the seed from
+``fastattn::dropout_seed`` -> custom op ``fastattn::flash_attn_forward(q, k, v,
+key_padding_mask, attn_mask, options, backend, rng)``, whose body runs backends.select and the
+backend ``attention`` module's ``forward``; its registered autograd calls
+``fastattn::flash_attn_backward`` -> the same backend's ``backward``.
 
 The two custom ops are the one autograd layer of every backend, and what torch.compile and
 torch.export see (one opaque node each, no graph break): ``register_fake`` gives their output
@@ -70,7 +71,7 @@ def _validate_options(softmax_scale, dropout_p, head_dim: int, **flags) -> tuple
 # --------------------------------------------------------------------------------------------
 # The one autograd layer, shared by every backend: two custom ops
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastattn::flash_attn_forward", mutates_args=(), tags=_custom_op.RANDOM_OP_TAGS)
+@torch.library.custom_op("fastattn::flash_attn_forward", mutates_args=())
 def _attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,18 +80,20 @@ def _attention_forward(
     attn_mask: Optional[torch.Tensor],
     options: str,
     backend: str,
+    rng: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tensors as in :class:`AttentionInputs`; ``options``: encoded AttentionOptions;
-    ``backend``: requested name or "" (automatic). Returns out (B, Lq, H, D) in q's dtype,
+    ``backend``: requested name or "" (automatic); ``rng``: (2,) int64 dropout seed and offset
+    (``fastattn::dropout_seed``) or None. Returns out (B, Lq, H, D) in q's dtype,
     lse (B, H, Lq) fp32 and the call state (3,) int64 CPU (backend, dropout seed, offset)."""
     inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask)
-    (out, lse), _, state = _custom_op.run_forward("attention", inputs, AttentionOptions, options, backend)
+    (out, lse), _, state = _custom_op.run_forward("attention", inputs, AttentionOptions, options, backend, rng)
     out, lse = _custom_op.finalize((out, lse), (q, k, v, key_padding_mask, attn_mask))
     return out, lse, state
 
 
 @_attention_forward.register_fake
-def _attention_forward_fake(q, k, v, key_padding_mask, attn_mask, options, backend):
+def _attention_forward_fake(q, k, v, key_padding_mask, attn_mask, options, backend, rng):
     b, lq, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, lq), dtype=torch.float32), _custom_op.call_state_fake()
 
@@ -122,7 +125,7 @@ def _attention_backward_fake(dout, q, k, v, key_padding_mask, attn_mask, out, ls
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, attn_mask, options, _backend = inputs
+    q, k, v, key_padding_mask, attn_mask, options, _backend, _rng = inputs
     out, lse, state = output
     ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, out, lse, state)
     ctx.options = options
@@ -133,9 +136,9 @@ def _attention_setup_context(ctx, inputs, output):
 def _attention_backward_rule(ctx, dout, _dlse, _dstate):
     q, k, v, key_padding_mask, attn_mask, out, lse, state = ctx.saved_tensors
     if dout is None:  # out took no part in the loss
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     dq, dk, dv = _attention_backward(dout, q, k, v, key_padding_mask, attn_mask, out, lse, state, ctx.options)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_forward.register_autograd(_attention_backward_rule, setup_context=_attention_setup_context)
@@ -153,6 +156,7 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
     out, lse, _state = _attention_forward(
         inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask,
         _custom_op.encode_options(options), _custom_op.backend_request(backend),
+        _custom_op.draw_rng(options.dropout_p),
     )
     return out, lse
 

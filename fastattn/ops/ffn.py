@@ -63,7 +63,7 @@ def _validate(x, w1, b1, w2, b2, activation: str) -> FeedForwardInputs:
 # --------------------------------------------------------------------------------------------
 # The one autograd layer, shared by every backend: two custom ops
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastattn::ffn_forward", mutates_args=(), tags=_custom_op.RANDOM_OP_TAGS)
+@torch.library.custom_op("fastattn::ffn_forward", mutates_args=())
 def _ffn_forward(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -72,18 +72,20 @@ def _ffn_forward(
     b2: Optional[torch.Tensor],
     options: str,
     backend: str,
+    rng: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tensors as in :class:`FeedForwardInputs`; ``options``: encoded FeedForwardOptions;
-    ``backend``: requested name or "" (automatic). Returns y (M, d_out) and z (M, d_hidden)
+    ``backend``: requested name or "" (automatic); ``rng``: dropout seed and offset or None
+    (as in attention's forward op). Returns y (M, d_out) and z (M, d_hidden)
     in x's dtype (z: a (0,) placeholder with ``recompute``); the call state (3,) int64 CPU."""
     inputs = FeedForwardInputs(x, w1, b1, w2, b2)
-    (y, z), _, state = _custom_op.run_forward("ffn", inputs, FeedForwardOptions, options, backend)
+    (y, z), _, state = _custom_op.run_forward("ffn", inputs, FeedForwardOptions, options, backend, rng)
     y, z = _custom_op.finalize((y, _custom_op.absent(x) if z is None else z), (x, w1, b1, w2, b2))
     return y, z, state
 
 
 @_ffn_forward.register_fake
-def _ffn_forward_fake(x, w1, b1, w2, b2, options, backend):
+def _ffn_forward_fake(x, w1, b1, w2, b2, options, backend, rng):
     recompute = _custom_op.decode_options(FeedForwardOptions, options).recompute
     m = x.shape[0]
     z = x.new_empty((0,) if recompute else (m, w1.shape[0]))
@@ -119,7 +121,7 @@ def _ffn_backward_fake(dy, x, w1, b1, w2, b2, z, state, options):
 
 
 def _ffn_setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, options, _backend = inputs
+    x, w1, b1, w2, b2, options, _backend, _rng = inputs
     _y, z, state = output
     ctx.save_for_backward(x, w1, b1, w2, b2, z, state)
     ctx.options = options
@@ -130,9 +132,9 @@ def _ffn_setup_context(ctx, inputs, output):
 def _ffn_backward_rule(ctx, dy, _dz, _dstate):
     x, w1, b1, w2, b2, z, state = ctx.saved_tensors
     if dy is None:
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     dx, dw1, db1, dw2, db2 = _ffn_backward(dy, x, w1, b1, w2, b2, z, state, ctx.options)
-    return dx, dw1, None if b1 is None else db1, dw2, None if b2 is None else db2, None, None
+    return dx, dw1, None if b1 is None else db1, dw2, None if b2 is None else db2, None, None, None
 
 
 _ffn_forward.register_autograd(_ffn_backward_rule, setup_context=_ffn_setup_context)
@@ -183,5 +185,6 @@ def feed_forward(
     y, _z, _state = _ffn_forward(
         inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2,
         _custom_op.encode_options(options), _custom_op.backend_request(backend),
+        _custom_op.draw_rng(options.dropout_p),
     )
     return y.reshape(*x.shape[:-1], w2.shape[0])

@@ -68,7 +68,7 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastattn::add_norm_forward", mutates_args=(), tags=_custom_op.RANDOM_OP_TAGS)
+@torch.library.custom_op("fastattn::add_norm_forward", mutates_args=())
 def _norm_forward(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],
@@ -76,13 +76,15 @@ def _norm_forward(
     bias: Optional[torch.Tensor],
     options: str,
     backend: str,
+    rng: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tensors as in :class:`NormInputs`; ``options``: encoded NormOptions; ``backend``:
-    requested name or "" (automatic). Returns y (M, N) in x's dtype; h (M, N) in
+    requested name or "" (automatic); ``rng``: dropout seed and offset or None (as in
+    attention's forward op). Returns y (M, N) in x's dtype; h (M, N) in
     ``residual_out_dtype`` (a (0,) placeholder when h is x); mean (M,) (placeholder for
     RMSNorm) and rstd (M,), fp32 (fp64 for fp64 x); the call state (3,) int64 CPU."""
     inputs = NormInputs(x, residual, weight, bias)
-    result, opts, state = _custom_op.run_forward("norm", inputs, NormOptions, options, backend)
+    result, opts, state = _custom_op.run_forward("norm", inputs, NormOptions, options, backend, rng)
     h = _custom_op.absent(x) if _h_is_x(x, residual, opts) else result.h
     mean = _custom_op.absent(x, torch.float32) if result.mean is None else result.mean
     outputs = _custom_op.finalize((result.y, h, mean, result.rstd), (x, residual, weight, bias))
@@ -90,7 +92,7 @@ def _norm_forward(
 
 
 @_norm_forward.register_fake
-def _norm_forward_fake(x, residual, weight, bias, options, backend):
+def _norm_forward_fake(x, residual, weight, bias, options, backend, rng):
     opts = _custom_op.decode_options(NormOptions, options)
     m, n = x.shape
     stats = _stats_dtype(x)
@@ -146,7 +148,7 @@ def _norm_backward_fake(dy, dh, h, weight, bias, mean, rstd, state, x_dtype, res
 
 
 def _norm_setup_context(ctx, inputs, output):
-    x, residual, weight, bias, options, _backend = inputs
+    x, residual, weight, bias, options, _backend, _rng = inputs
     _y, h, mean, rstd, state = output
     ctx.h_is_x = _h_is_x(x, residual, _custom_op.decode_options(NormOptions, options))
     ctx.save_for_backward(x if ctx.h_is_x else h, weight, bias, mean, rstd, state)
@@ -159,7 +161,7 @@ def _norm_setup_context(ctx, inputs, output):
 def _norm_backward_rule(ctx, dy, dh, _dmean, _drstd, _dstate):
     h, weight, bias, mean, rstd, state = ctx.saved_tensors
     if dy is None and dh is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     if dy is None:  # only h took part in the loss (prenorm)
         dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
     dx, dresidual, dweight, dbias = _norm_backward(
@@ -170,6 +172,7 @@ def _norm_backward_rule(ctx, dy, dh, _dmean, _drstd, _dstate):
         None if ctx.residual_dtype is None else dresidual,
         None if weight is None else dweight,
         None if bias is None else dbias,
+        None,
         None,
         None,
     )
@@ -183,6 +186,7 @@ def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str
     y, h, _mean, _rstd, _state = _norm_forward(
         inputs.x, inputs.residual, weight, bias,
         _custom_op.encode_options(options), _custom_op.backend_request(backend),
+        _custom_op.draw_rng(options.dropout_p),
     )
     y = y.reshape(x.shape)
     if not options.prenorm:
