@@ -70,6 +70,11 @@ def backend_request(backend: Optional[str]) -> str:
     return get_backend(backend).name
 
 
+def _draw() -> torch.Tensor:
+    rng = RngState.draw()
+    return torch.tensor([rng.seed, rng.offset], dtype=torch.int64)
+
+
 #: How many dropout seeds were drawn: the argument every draw mutates, to keep draw order.
 _DRAWS = torch.zeros((), dtype=torch.int64)
 
@@ -80,8 +85,7 @@ def _dropout_seed(draws: torch.Tensor) -> torch.Tensor:
     """(2,) int64 CPU: a dropout RngState (seed, offset) drawn from torch's default CPU
     generator; ``draws`` (a () int64 CPU counter) is incremented."""
     draws.add_(1)
-    rng = RngState.draw()
-    return torch.tensor([rng.seed, rng.offset], dtype=torch.int64)
+    return _draw()
 
 
 @_dropout_seed.register_fake
@@ -90,8 +94,11 @@ def _dropout_seed_fake(draws):
 
 
 def draw_rng(dropout_p: float) -> Optional[torch.Tensor]:
-    """The forward op's ``rng`` argument: a fresh (seed, offset) with dropout, else None."""
-    return _dropout_seed(_DRAWS) if dropout_p > 0 else None
+    """The forward op's ``rng`` argument: a fresh (seed, offset) with dropout, else None.
+    Eager code draws directly (the same draw, without an op call's overhead)."""
+    if dropout_p == 0:
+        return None
+    return _dropout_seed(_DRAWS) if torch.compiler.is_compiling() else _draw()
 
 
 def call_state(backend: Backend, rng: Optional[RngState]) -> torch.Tensor:
