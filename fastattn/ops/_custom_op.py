@@ -19,7 +19,8 @@ call, forward and backward, with no graph break. A schema carries only tensors a
   may reorder independent ops (inductor does), which would hand the draws to other calls; so
   each draw also increments one shared counter tensor (a mutated argument), which chains the
   draws in program order. Compiled and eager runs with the same seed thus draw the same masks.
-  (The forward op itself cannot mutate: a mutating custom op cannot have an autograd formula.)
+  (The forward op itself cannot mutate: a mutating custom op cannot have an autograd formula.
+  Eager code skips the op and makes the same draw directly.)
 - The chosen backend (its index in ``registered_names()``) and the RngState leave the forward op
   as one int64 CPU tensor, the *call state* ``(backend, seed, offset)``, saved for backward.
 """
