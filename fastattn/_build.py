@@ -691,8 +691,9 @@ def build(check_cuda: bool = False, archs: Optional[Sequence[Union[int, str]]] =
 
     check_cuda: compile every kernel file for ``archs`` (default sm_80, sm_90a) without a GPU,
     print the resource table, exit 1 when a file fails to compile or a kernel spills.
-    Otherwise: build and load the extension ahead of time (for ``archs``, else
-    TORCH_CUDA_ARCH_LIST, else the visible GPUs), exit 1 with the reason when it cannot.
+    Otherwise: build and load the CPU extension (the ``cpu`` backend) and the CUDA extension
+    ahead of time (for ``archs``, else TORCH_CUDA_ARCH_LIST, else the visible GPUs), exit 1
+    with the reasons when either cannot be built.
     """
     if check_cuda:
         if find_nvcc() is None:
@@ -714,9 +715,14 @@ def build(check_cuda: bool = False, archs: Optional[Sequence[Union[int, str]]] =
         for failure in failures:
             print(f"FAIL {failure}")
         return 1 if failures else 0
+    cpu_reason = load_cpu_extension(verbose=verbose)
+    if cpu_reason is not None:
+        print(f"fastattn build: {cpu_reason}", file=sys.stderr)
+    else:
+        print(f"fastattn: CPU extension loaded from {cpu_extension_path()}")
     reason = load_extension(verbose=verbose, archs=archs)
     if reason is not None:
         print(f"fastattn build: {reason}", file=sys.stderr)
         return 1
     print(f"fastattn: CUDA extension loaded from {extension_path()}")
-    return 0
+    return 0 if cpu_reason is None else 1

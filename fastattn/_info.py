@@ -20,6 +20,13 @@ def _nvcc_version() -> str:
     return release[-1].strip() if release else nvcc
 
 
+def _cpu_isa() -> str:
+    """The vector ISA the cpu backend's extension is (or would be) compiled for."""
+    from fastattn import _build
+
+    return _build.cpu_isa()
+
+
 def environment() -> dict[str, str]:
     """Versions and devices, as recorded next to every benchmark result."""
     try:
@@ -38,6 +45,7 @@ def environment() -> dict[str, str]:
         "triton": triton_version,
         "nvcc": _nvcc_version(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu ISA": _cpu_isa(),
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -29,6 +29,15 @@ class RngState:
 
     @staticmethod
     def draw() -> "RngState":
+        """A fresh (seed, offset); RuntimeError while a CUDA graph is being captured."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # The pair is a host-side constant baked into the captured launches, so every
+            # replay would apply the same dropout mask.
+            raise RuntimeError(
+                "fastattn dropout cannot be captured in a CUDA graph: its seed and offset are drawn "
+                "on the host, so every replay would reuse one dropout mask. Capture with dropout_p=0 "
+                "(e.g. model.eval()), or run the steps with dropout outside the graph."
+            )
         # The CPU generator is seeded by torch.manual_seed too, and reading it never syncs a GPU.
         seed, offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
         return RngState(seed=int(seed), offset=int(offset))

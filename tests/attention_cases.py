@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import torch
 
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
 from fastattn.reference import attention as reference
+from helpers import assert_close_to_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,38 @@ def to64(inputs: AttentionInputs) -> AttentionInputs:
     return AttentionInputs(inputs.q.double(), inputs.k.double(), inputs.v.double(), inputs.key_padding_mask, mask)
 
 
+def philox4x32_10(c0, c1, c2, c3, seed: int):
+    """Philox4x32-10 (Salmon et al. 2011) on uint64 numpy arrays of 32-bit counters, key =
+    (low, high) 32-bit halves of ``seed``: the generator behind tl.philox."""
+    mask32 = np.uint64(0xFFFFFFFF)
+    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = b * c2, a * c0  # < 2^64: exact in uint64
+        c0, c1, c2, c3 = ((p0 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p0 & mask32,
+                          (p1 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p1 & mask32)
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def attention_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, p: float, rng: RngState) -> np.ndarray:
+    """bool (B, H, Lq, Lk) keep mask of fastattn/triton/attention.py's documented mapping:
+    word 2 * ((i // 8) % 2) + (j // 8) % 2 of Philox(seed; gj, gi, b * H + h, offset) with
+    gi = (i // 16) * 8 + i % 8, as tl.uint_to_uniform_float, kept iff >= p."""
+    bi, hi, i, j = np.meshgrid(np.arange(batch), np.arange(heads), np.arange(seqlen_q), np.arange(seqlen_k),
+                               indexing="ij")
+
+    def group(x):
+        return ((x // 16) * 8 + x % 8).astype(np.uint64)
+
+    words = philox4x32_10(group(j), group(i), (bi * heads + hi).astype(np.uint64),
+                          np.full(i.shape, rng.offset, np.uint64), rng.seed)
+    word = np.choose(2 * ((i // 8) % 2) + (j // 8) % 2, words).astype(np.uint32).view(np.int32)
+    # tl.uint_to_uniform_float: non-negative int32 (negatives mirrored by ~x) times 2^-31, in fp32.
+    uniform = np.where(word < 0, ~word, word).astype(np.float32) * np.float32(4.6566127342e-10)
+    return uniform >= np.float32(p)
+
+
 def baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[torch.Tensor], dout: torch.Tensor):
     """Plain PyTorch attention in the inputs' dtype (matmul, softmax, matmul; autograd).
     Returns out, lse (fp32 of the low-precision scores) and (dq, dk, dv)."""
@@ -109,6 +143,11 @@ def baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[
     kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * options.softmax_scale
+    if options.softcap > 0:
+        scores = torch.tanh(scores / options.softcap) * options.softcap
+    bias = reference.alibi_bias(inputs, options, scores.dtype)
+    if bias is not None:
+        scores = scores + bias
     if inputs.attn_mask is not None and inputs.attn_mask.dtype != torch.bool:
         scores = scores + inputs.attn_mask.to(scores.dtype)
     allowed = reference.allowed_mask(inputs, options)
@@ -122,3 +161,36 @@ def baseline(inputs: AttentionInputs, options: AttentionOptions, keep: Optional[
     out.backward(dout)
     lse = torch.logsumexp(scores.detach().float(), dim=-1)
     return out.detach(), lse, (q.grad, k.grad, v.grad)
+
+
+def check_against_reference(module, inputs: AttentionInputs, options: AttentionOptions, rng,
+                            expect_dead_rows: bool = False) -> None:
+    """Runs ``module.forward`` / ``backward`` (a backend's attention module, which also offers
+    ``dropout_mask``) and checks out, lse and every gradient against the float64 reference
+    given the backend's own keep mask, with the 2x-baseline rule; rows that see no key must
+    give output 0, lse -inf and dQ 0."""
+    out, lse = module.forward(inputs, options, rng)
+    dout = torch.randn_like(out)
+    dq, dk, dv = module.backward(dout, out, lse, inputs, options, rng)
+    keep = module.dropout_mask(inputs, options, rng) if options.dropout_p > 0 else None
+    inputs64 = to64(inputs)
+    out64, lse64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
+    grads64 = reference.backward(dout.double(), out64, lse64, inputs64, options, rng, dropout_mask=keep)
+    base_out, base_lse, base_grads = baseline(inputs, options, keep, dout)
+
+    assert out.dtype == inputs.dtype and lse.dtype == torch.float32
+    assert lse.shape == (inputs.batch, inputs.nheads, inputs.seqlen_q)
+    assert_close_to_reference(out, out64, base_out, "out")
+    dead = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse), dead), "lse is -inf exactly on the rows that see no key"
+    assert not torch.isnan(lse).any()
+    live = ~dead
+    assert_close_to_reference(lse[live], lse64[live].double(), base_lse[live], "lse")
+    for name, grad, like, grad64, base in zip(("dq", "dk", "dv"), (dq, dk, dv), (inputs.q, inputs.k, inputs.v),
+                                              grads64, base_grads):
+        assert grad.dtype == like.dtype and grad.shape == like.shape, name
+        assert_close_to_reference(grad, grad64, base, name)
+    if expect_dead_rows:
+        assert dead.any(), "the case was meant to have rows that see no key"
+    dead_rows = dead.transpose(1, 2)  # (B, Lq, H)
+    assert (out[dead_rows] == 0).all() and (dq[dead_rows] == 0).all()

@@ -33,8 +33,10 @@ def test_capabilities_give_reasons():
     assert "head_dim 80" in text and "dropout" in text and "grouped-query" in text
 
 
-def test_auto_selection_on_cpu_is_reference():
-    assert select("attention", _inputs(), AttentionOptions(softmax_scale=1.0)).name == "reference"
+def test_auto_selection_on_cpu_is_cpu_for_attention():
+    # The C++ cpu backend first for CPU tensors; float64 (not in its dtypes) stays on reference.
+    assert select("attention", _inputs(), AttentionOptions(softmax_scale=1.0)).name == "cpu"
+    assert select("attention", _inputs(torch.float64), AttentionOptions(softmax_scale=1.0)).name == "reference"
 
 
 def test_forcing_an_unavailable_backend_lists_why():

@@ -22,8 +22,7 @@ import fastattn
 from fastattn.options import AttentionInputs, AttentionOptions, RngState
 from fastattn.reference import attention as reference
 from fastattn.triton import attention as tattn
-from helpers import assert_close_to_reference
-from attention_cases import AttentionCase, baseline as _baseline, make_inputs, to64 as _to64
+from attention_cases import AttentionCase, attention_keep_mask, check_against_reference, make_inputs
 from conftest import requires_cuda
 
 
@@ -52,29 +51,7 @@ def _check(case: Case, device: str, expect_dead_rows: bool = False) -> None:
 
 
 def _check_inputs(inputs, options, rng, expect_dead_rows: bool = False) -> None:
-    out, lse, dout, (dq, dk, dv) = _run_triton(inputs, options, rng)
-    keep = tattn.dropout_mask(inputs, options, rng) if options.dropout_p > 0 else None
-    inputs64 = _to64(inputs)
-    out64, lse64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
-    grads64 = reference.backward(dout.double(), out64, lse64, inputs64, options, rng, dropout_mask=keep)
-    base_out, base_lse, base_grads = _baseline(inputs, options, keep, dout)
-
-    assert out.dtype == inputs.dtype and lse.dtype == torch.float32
-    assert lse.shape == (inputs.batch, inputs.nheads, inputs.seqlen_q)
-    assert_close_to_reference(out, out64, base_out, "out")
-    dead = torch.isneginf(lse64)
-    assert torch.equal(torch.isneginf(lse), dead), "lse is -inf exactly on the rows that see no key"
-    assert not torch.isnan(lse).any()
-    live = ~dead
-    assert_close_to_reference(lse[live], lse64[live].double(), base_lse[live], "lse")
-    for name, grad, like, grad64, base in zip(("dq", "dk", "dv"), (dq, dk, dv), (inputs.q, inputs.k, inputs.v),
-                                              grads64, base_grads):
-        assert grad.dtype == like.dtype and grad.shape == like.shape, name
-        assert_close_to_reference(grad, grad64, base, name)
-    if expect_dead_rows:
-        assert dead.any(), "the case was meant to have rows that see no key"
-    dead_rows = dead.transpose(1, 2)  # (B, Lq, H)
-    assert (out[dead_rows] == 0).all() and (dq[dead_rows] == 0).all()
+    check_against_reference(tattn, inputs, options, rng, expect_dead_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,36 +186,13 @@ def test_dropout_kept_fraction(p, device):
     assert all(not torch.equal(flat[i], flat[j]) for i in range(len(flat)) for j in range(i))
 
 
-def _philox4x32_10(c0, c1, c2, c3, seed: int):
-    """Philox4x32-10 (Salmon et al. 2011) on uint64 numpy arrays of 32-bit counters, key =
-    (low, high) 32-bit halves of ``seed``: the generator behind tl.philox."""
-    mask32 = np.uint64(0xFFFFFFFF)
-    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    for _ in range(10):
-        p0, p1 = b * c2, a * c0  # < 2^64: exact in uint64
-        c0, c1, c2, c3 = ((p0 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p0 & mask32,
-                          (p1 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p1 & mask32)
-        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
-    return c0, c1, c2, c3
-
-
 def test_dropout_mask_matches_the_documented_philox_mapping(device):
     """keep(b, h, i, j) = word 2 * ((i // 8) % 2) + (j // 8) % 2 of Philox(seed; gj, gi,
     b * H + h, offset) with gi = (i // 16) * 8 + i % 8, as a uniform >= p (module docstring)."""
     inputs, options, rng = _dropout_case(device)
     keep = tattn.dropout_mask(inputs, options, rng).cpu().numpy()
     b, h, lq, lk = keep.shape
-    bi, hi, i, j = np.meshgrid(np.arange(b), np.arange(h), np.arange(lq), np.arange(lk), indexing="ij")
-    def group(x):
-        return ((x // 16) * 8 + x % 8).astype(np.uint64)
-
-    words = _philox4x32_10(group(j), group(i), (bi * h + hi).astype(np.uint64),
-                           np.full(i.shape, rng.offset, np.uint64), rng.seed)
-    word = np.choose(2 * ((i // 8) % 2) + (j // 8) % 2, words).astype(np.uint32).view(np.int32)
-    # tl.uint_to_uniform_float: non-negative int32 (negatives mirrored by ~x) times 2^-31, in fp32.
-    uniform = np.where(word < 0, ~word, word).astype(np.float32) * np.float32(4.6566127342e-10)
-    assert np.array_equal(keep, uniform >= np.float32(options.dropout_p))
+    assert np.array_equal(keep, attention_keep_mask(b, h, lq, lk, options.dropout_p, rng))
 
 
 def test_dropout_mask_is_a_function_of_the_indices(device):

@@ -1272,6 +1272,19 @@ def _seq_bucket(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+#: CUDA's limit on grid axes y and z, which carry the heads and the batch.
+_GRID_YZ_LIMIT = 65535
+
+
+def not_supported_reasons(inputs: AttentionInputs, options: AttentionOptions) -> list[str]:
+    """The launch grid is (row blocks, heads, batch): heads and batch may not exceed 65535."""
+    reasons = []
+    for what, n in (("batch", inputs.batch), ("nheads", inputs.nheads)):
+        if n > _GRID_YZ_LIMIT:
+            reasons.append(f"{what} {n} is above {_GRID_YZ_LIMIT}, the CUDA grid-axis limit of the Triton launch")
+    return reasons
+
+
 def _launch(kernel: str, grid_rows: int, batch: int, heads: int, args: tuple, constexprs: dict) -> None:
     """Launch ``kernel`` over (blocks of grid_rows, heads, batch) with the interpreter config
     or the autotuned one for this GPU."""

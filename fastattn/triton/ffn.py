@@ -50,6 +50,7 @@ same GEMMs alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Iterator, Optional
@@ -63,6 +64,8 @@ from fastattn.backends.capabilities import FeedForwardCapabilities
 from fastattn.options import FeedForwardGrads, FeedForwardInputs, FeedForwardOptions, RngState
 
 CAPABILITIES = FeedForwardCapabilities()
+#: Drawn afresh for every call: specializing on them (== 1, % 16) would recompile at random.
+_PER_CALL_ARGS = ["seed", "rng_offset"]
 
 _INV_SQRT2: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -184,7 +187,7 @@ def _act_fwd_grad(z, ACTIVATION: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
 def _ffn_fwd_kernel(
     x_ptr,  # (M, K) K = d_model
     w1_ptr,  # (d_hidden, K); d_hidden = F, or 2F for swiglu (rows [gate; up])
@@ -206,6 +209,7 @@ def _ffn_fwd_kernel(
     rng_offset,
     dropout_p,
     dropout_scale,
+    M_BUCKET,  # autotuning key only
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_Z: tl.constexpr,
@@ -285,6 +289,8 @@ def _ffn_matmul_kernel(
     stride_bn,
     stride_cm,
     stride_cn,
+    M_BUCKET,  # autotuning keys only
+    K_BUCKET,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
@@ -318,7 +324,7 @@ def _ffn_matmul_kernel(
     tl.store(c_ptrs, _cast_out(acc, c_ptr, INTERPRETER_BF16), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
 def _ffn_bwd_dz_kernel(
     dy_ptr,  # (M, K) K = d_out
     w2_ptr,  # (K, F)
@@ -342,6 +348,7 @@ def _ffn_bwd_dz_kernel(
     rng_offset,
     dropout_p,
     dropout_scale,
+    M_BUCKET,  # autotuning key only
     ACTIVATION: tl.constexpr,
     DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -417,7 +424,7 @@ def _ffn_bias_grad_kernel(
     tl.store(db_ptr + offs_n, _cast_out(tl.sum(acc, axis=0), db_ptr, INTERPRETER_BF16), mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
 def _ffn_dropout_mask_kernel(
     keep_ptr,  # (M, F) out, uint8 view of a bool tensor
     M,
@@ -558,7 +565,13 @@ def _arch_of(device: torch.device) -> Optional[int]:
 
 
 _KERNELS = {"fwd": _ffn_fwd_kernel, "dz": _ffn_bwd_dz_kernel, "matmul": _ffn_matmul_kernel}
-_TUNE_KEYS = {"fwd": ["M", "F", "K"], "dz": ["M", "F", "K"], "matmul": ["M", "N", "K"]}
+#: Token counts (M; K in the weight-gradient GEMMs) enter by power-of-two bucket, so a new
+#: batch or sequence length reuses the tuned choice instead of benchmarking again.
+_TUNE_KEYS = {"fwd": ["M_BUCKET", "F", "K"], "dz": ["M_BUCKET", "F", "K"], "matmul": ["M_BUCKET", "N", "K_BUCKET"]}
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -617,7 +630,7 @@ def _launch_fwd(
         M, F, K,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
         z_arg.stride(0), z_arg.stride(1), a_arg.stride(0), a_arg.stride(1),
-        seed, offset, p, scale,
+        seed, offset, p, scale, _bucket(M),
         ACTIVATION=options.activation,
         HAS_BIAS=inputs.b1 is not None,
         STORE_Z=z is not None,
@@ -643,6 +656,7 @@ def _launch_matmul(
         a, b, bias if bias is not None else out, out,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        _bucket(M), _bucket(K),
         HAS_BIAS=bias is not None,
         INPUT_PRECISION=_input_precision(a.dtype, options),
         INTERPRETER_BF16=_interpreter_bf16(a.dtype),
@@ -683,7 +697,7 @@ def _launch_dz(
         M, F, K,
         dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1),
         z.stride(0), z.stride(1), dz.stride(0), dz.stride(1), a.stride(0), a.stride(1),
-        seed, offset, p, scale,
+        seed, offset, p, scale, _bucket(M),
         ACTIVATION=options.activation,
         DROPOUT=dropout,
         INPUT_PRECISION=_input_precision(dy.dtype, options),
@@ -694,6 +708,11 @@ def _launch_dz(
 # --------------------------------------------------------------------------------------------
 # Primitives
 # --------------------------------------------------------------------------------------------
+def _on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not on whichever device is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def not_supported_reasons(inputs: FeedForwardInputs, options: FeedForwardOptions) -> list[str]:
     arch = _arch_of(inputs.device)
     if arch is not None and arch < 80:
@@ -710,9 +729,10 @@ def forward(
     d_hidden, F, d_out = inputs.w1.shape[0], inputs.w2.shape[1], inputs.w2.shape[0]
     z = None if options.recompute else torch.empty((M, d_hidden), dtype=x.dtype, device=x.device)
     a = torch.empty((M, F), dtype=x.dtype, device=x.device)  # freed when forward returns
-    _launch_fwd(inputs, options, rng, z, a)
     y = torch.empty((M, d_out), dtype=x.dtype, device=x.device)
-    _launch_matmul(a, inputs.w2.t(), y, options, bias=inputs.b2)
+    with _on_device(x):
+        _launch_fwd(inputs, options, rng, z, a)
+        _launch_matmul(a, inputs.w2.t(), y, options, bias=inputs.b2)
     return y, z
 
 
@@ -723,6 +743,11 @@ def backward(
     options: FeedForwardOptions,
     rng: Optional[RngState],
 ) -> FeedForwardGrads:
+    with _on_device(inputs.x):
+        return _backward(dy, z, inputs, options, rng)
+
+
+def _backward(dy, z, inputs: FeedForwardInputs, options: FeedForwardOptions, rng: Optional[RngState]) -> FeedForwardGrads:
     x, w1, b1, w2, b2 = inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2
     M = x.shape[0]
     d_hidden, F = w1.shape[0], w2.shape[1]
@@ -749,7 +774,8 @@ def dropout_mask(inputs: FeedForwardInputs, options: FeedForwardOptions, rng: Op
     M, F = inputs.rows, inputs.w2.shape[1]
     keep = torch.empty((M, F), dtype=torch.bool, device=inputs.device)
     block_m, block_n = 32, 128  # unlike any GEMM tile: the mask must not depend on tiling
-    _ffn_dropout_mask_kernel[(triton.cdiv(M, block_m), triton.cdiv(F, block_n))](
-        keep.view(torch.uint8), M, F, keep.stride(0), seed, offset, p, BLOCK_M=block_m, BLOCK_N=block_n
-    )
+    with _on_device(keep):
+        _ffn_dropout_mask_kernel[(triton.cdiv(M, block_m), triton.cdiv(F, block_n))](
+            keep.view(torch.uint8), M, F, keep.stride(0), seed, offset, p, BLOCK_M=block_m, BLOCK_N=block_n
+        )
     return keep

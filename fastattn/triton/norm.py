@@ -54,6 +54,8 @@ from fastattn.options import (
 
 N_MAX = 65536
 CAPABILITIES = NormCapabilities(dtypes=GPU_DTYPES, max_hidden=N_MAX)
+#: Drawn afresh for every call: specializing on them (== 1, % 16) would recompile at random.
+_PER_CALL_ARGS = ["seed", "offset"]
 
 #: Widest row kept in registers by the one-pass kernels; wider rows loop over column blocks.
 #: Limits from the AOT register reports (tests/test_triton_norm_aot.py): above them ptxas
@@ -76,7 +78,7 @@ def _keep_mask(seed, offset, rows, cols, dropout_p):
     zero = (rows * 0 + cols * 0).to(tl.uint32)
     c0 = cols.to(tl.uint32) + zero
     c1 = rows.to(tl.uint32) + zero
-    c2 = (zero + offset).to(tl.uint32)  # offset may be a constexpr (a launch passing 1)
+    c2 = (zero + offset).to(tl.uint32)
     r0, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
     return tl.uint_to_uniform_float(r0) >= dropout_p
 
@@ -107,7 +109,7 @@ def _load_h(
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
 def _norm_fwd_kernel(
     X,  # (M, N) x dtype
     RES,  # (M, N) residual dtype (unused without residual)
@@ -167,7 +169,7 @@ def _norm_fwd_kernel(
     tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)  # cast: output dtype
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
 def _norm_fwd_looped_kernel(
     X,  # (M, N) x dtype
     RES,  # (M, N) residual dtype
@@ -300,7 +302,7 @@ def _store_grads(
     tl.store(DX + rows * stride_dx + cols, dh.to(DX.dtype.element_ty), mask=mask)  # cast: x dtype
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
 def _norm_bwd_kernel(
     H,  # (M, N) residual_out dtype: the saved h
     W,  # (N,)
@@ -378,7 +380,7 @@ def _norm_bwd_kernel(
         tl.store(DB_PART + part, db_acc, mask=tl.arange(0, BLOCK_N) < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
 def _norm_bwd_looped_kernel(
     H,  # (M, N) residual_out dtype
     W,  # (N,)
@@ -497,7 +499,7 @@ def _sum_partials_kernel(
         tl.store(DB + out_cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=out_cols < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_ARGS)
 def _dropout_mask_kernel(
     KEEP,  # (M, N) int8
     M,
