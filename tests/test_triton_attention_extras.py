@@ -468,3 +468,25 @@ def test_kvcache_bad_num_splits(device):
 def test_capabilities_declare_the_extras():
     caps = tattn.CAPABILITIES
     assert caps.window and caps.softcap and caps.alibi and caps.varlen and caps.kvcache and caps.paged_kvcache
+
+
+# --------------------------------------------------------------------------------------------
+# Public API (fastattn.flash_attention_varlen / flash_attention_with_kvcache) on this backend:
+# the shared cases of tests/attention_extras_cases.py in the dtypes Triton serves
+# --------------------------------------------------------------------------------------------
+from attention_extras_cases import KVCACHE_CASES, VARLEN_CASES, check_kvcache, check_varlen  # noqa: E402
+
+# The fp16/bf16 shared varlen cases take 15-30 s each in the interpreter; the packed-batch
+# kernels are covered above, so the API path runs the fp32 one.
+_GPU_VARLEN = [c for c in VARLEN_CASES if c.dtype == torch.float32]
+_GPU_KVCACHE = [c for c in KVCACHE_CASES if c.dtype != torch.float64]
+
+
+@pytest.mark.parametrize("case", _GPU_VARLEN, ids=str)
+def test_public_varlen(case, device):
+    check_varlen(case, "triton", device)
+
+
+@pytest.mark.parametrize("case", _GPU_KVCACHE, ids=str)
+def test_public_kvcache(case, device):
+    check_kvcache(case, "triton", device)
