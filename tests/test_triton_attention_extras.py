@@ -19,6 +19,7 @@ from fastattn.options import AttentionInputs, AttentionOptions, KVCacheInputs, R
 from fastattn.reference import attention as reference
 from fastattn.triton import attention as tattn
 from helpers import assert_close_to_reference
+from attention_cases import baseline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,32 +80,6 @@ def _to64(inputs):
     return dataclasses.replace(inputs, q=inputs.q.double(), k=inputs.k.double(), v=inputs.v.double())
 
 
-def _baseline(inputs: AttentionInputs, options: AttentionOptions, keep, dout):
-    """Plain PyTorch in the inputs' dtype (scores, softcap, ALiBi, masks, softmax; autograd):
-    the error yardstick. Returns out and (dq, dk, dv)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
-    group = inputs.nheads // inputs.nheads_kv
-    qt = q.transpose(1, 2)
-    kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
-    vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = torch.matmul(qt, kt.transpose(-1, -2)) * options.softmax_scale
-    if options.softcap > 0:
-        scores = torch.tanh(scores / options.softcap) * options.softcap
-    bias = reference.alibi_bias(inputs, options, scores.dtype)
-    if bias is not None:
-        scores = scores + bias
-    allowed = reference.allowed_mask(inputs, options)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    if keep is not None:
-        probs = probs * keep.to(probs.dtype) / (1.0 - options.dropout_p)
-    out = torch.matmul(probs, vt).transpose(1, 2)
-    out.backward(dout)
-    return out.detach(), (q.grad, k.grad, v.grad)
-
-
 def _assert_results(out, lse, grads, out64, lse64, grads64, base_out, base_grads, like):
     assert out.dtype == like[0].dtype and lse.dtype == torch.float32 and lse.shape == lse64.shape
     assert_close_to_reference(out, out64, base_out, "out")
@@ -136,7 +111,7 @@ def _check_dense(case: ExtrasCase, device: str, expect_dead_rows: bool = False) 
     inputs64 = _to64(inputs)
     out64, lse64 = reference.forward(inputs64, options, rng, dropout_mask=keep)
     grads64 = reference.backward(dout.double(), out64, lse64, inputs64, options, rng, dropout_mask=keep)
-    base_out, base_grads = _baseline(inputs, options, keep, dout)
+    base_out, _, base_grads = baseline(inputs, options, keep, dout)
     _assert_results(out, lse, grads, out64, lse64, grads64, base_out, base_grads, (q, k, v))
     dead = torch.isneginf(lse64)
     if expect_dead_rows:
@@ -239,7 +214,7 @@ def _varlen_baseline(inputs: AttentionInputs, options, dout, keep=None):
         if qs.start == qs.stop or ks.start == ks.stop:
             continue
         seq_keep = None if keep is None else keep[b:b + 1, :, :qs.stop - qs.start, :ks.stop - ks.start]
-        o, g = _baseline(_sequence(inputs, b, qs, ks), options, seq_keep, dout[None, qs])
+        o, _, g = baseline(_sequence(inputs, b, qs, ks), options, seq_keep, dout[None, qs])
         out[qs] = o[0]
         grads[0][qs], grads[1][ks], grads[2][ks] = g[0][0], g[1][0], g[2][0]
     return out, grads
@@ -383,7 +358,7 @@ def _cache_reference(inputs: KVCacheInputs, options: AttentionOptions, float64: 
         if float64:
             out, lse = reference.forward(_to64(seq), options, None)
         else:
-            out, _ = _baseline(seq, options, None, torch.zeros_like(seq.q))
+            out, _, _ = baseline(seq, options, None, torch.zeros_like(seq.q))
             lse = None
         outs.append(out)
         lses.append(lse)
