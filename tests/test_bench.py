@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from fastattn.bench import attention, ffn, model, norm
+from fastattn.bench import attention, decode, ffn, model, norm
 from fastattn.bench.cli import main
 from fastattn.bench.common import INTERPRETER_REASON
 from fastattn.bench.harness import (
@@ -77,6 +77,12 @@ def test_formula_norm_bytes():
     rms_fwd = 4 * act + n * e + m * 4
     assert norm.norm_bytes(m, n, "rms", e, "forward") == rms_fwd
     assert model.model_tokens(3, 5, 7) == 36
+
+
+def test_formula_decode_bytes():
+    assert decode.cache_seqlens(4, 64) == [63, 55, 47, 39]  # from full after the step down to about half
+    positions = 64 + 56 + 48 + 40  # each sequence's keys after the new token is appended
+    assert decode.decode_bytes(4, 64, 2, 16, 2) == 2 * positions * 2 * 16 * 2  # K and V, Hkv=2, D=16, bf16
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +296,33 @@ def test_model_suite_runs_fused_and_naive():
     rows = run_suite(suite, [dataclasses.replace(case, modes=("forward+backward",))], providers, ctx)
     assert {r.provider: r.status for r in rows} == {"naive": OK, "fastattn-reference": OK}, [r.reason for r in rows]
     assert all(r.check_error < 1e-4 and r.throughput > 0 for r in rows)
+
+
+def test_decode_suite_checks_lengths_before_timing():
+    """Contiguous and paged caches: fastattn, naive and SDPA pass the float64 check and report
+    bandwidth, memory and the device; a provider that reads past each sequence's length fails."""
+    suite = decode.SUITE
+
+    def length_blind(case, problem):
+        def fn():
+            keys, values, valid = decode._append_and_gather(case, problem)
+            return decode.naive_decode(problem.inputs[0], keys, values, torch.ones_like(valid))
+
+        return Workload(fn, ())
+
+    providers = [p for p in suite.providers("smoke") if p.name in ("naive", "torch-sdpa", "fastattn-reference")]
+    providers.append(Provider("length-blind", PEER, length_blind))
+    all_cases = suite.cases("smoke", CPU)
+    cases = [next(c for c in all_cases if not c.paged), next(c for c in all_cases if c.paged)]
+    ctx = RunContext(device=CPU, device_name="test cpu", timer=TimerSettings(cpu_min_time_s=0.0, cpu_min_reps=3, cpu_max_reps=3))
+    rows = run_suite(suite, cases, providers, ctx)
+    assert {(r.case, r.mode) for r in rows} == {(c.label, "forward") for c in cases}
+    for r in rows:
+        if r.provider == "length-blind":
+            assert r.status == FAILED and r.reason.startswith("mismatch: out") and r.median_ms is None, r
+        else:
+            assert r.status == OK and r.check_error < 1e-5, r
+            assert r.metric == "GB/s" and r.throughput > 0 and r.peak_mem_mib is not None and r.device == "test cpu"
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])

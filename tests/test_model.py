@@ -163,6 +163,11 @@ def test_demo_loss_falls(capsys):
         assert abs(lf - ln) < 1e-2 * max(1.0, ln)
     assert "greedy translations" in printed and "ms/step" in printed
     assert len(result.examples) == 2
+    # greedy decoding timed both ways in the same run, both times printed
+    assert "re-run decoder ms" in printed and "KV cache ms" in printed
+    for impl in ("fused", "naive"):
+        assert result.decode_ms[impl]["cached"] > 0 and result.decode_ms[impl]["recompute"] > 0
+        assert result.decode_agreement[impl] == 256
 
 
 @pytest.mark.parametrize(

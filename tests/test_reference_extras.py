@@ -1,33 +1,12 @@
 """Reference backend, flash-attn 2 extras (window, softcap, ALiBi): against autograd through an
-explicit float64 formula written independently of fastattn/reference/attention.py."""
-
-import math
+explicit float64 formula written independently of fastattn/reference/attention.py
+(tests/attention_extras_cases.py)."""
 
 import pytest
 import torch
 
 import fastattn
-
-
-def _explicit(q, k, v, causal, window, softcap, slopes):
-    """softmax over allowed keys of softcap(scale q.k) - slope |j - (i + Lk - Lq)|; (B, Lq, H, D)."""
-    group = q.shape[2] // k.shape[2]
-    kk, vv = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
-    s = torch.einsum("bihd,bjhd->bhij", q, kk) / math.sqrt(q.shape[-1])
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    lq, lk = q.shape[1], k.shape[1]
-    rel = torch.arange(lk)[None] - (torch.arange(lq)[:, None] + lk - lq)
-    if slopes is not None:
-        s = s - slopes.double()[None, :, None, None] * rel.abs()
-    ok = torch.ones(lq, lk, dtype=torch.bool)
-    right = 0 if causal else window[1]
-    if right >= 0:
-        ok &= rel <= right
-    if window[0] >= 0:
-        ok &= rel >= -window[0]
-    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num()
-    return torch.einsum("bhij,bjhd->bihd", p, vv)
+from attention_extras_cases import explicit_attention
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -42,7 +21,7 @@ def test_reference_extras_match_explicit_formula(causal, window, softcap, alibi,
     slopes = torch.rand(4) if alibi else None
     out = fastattn.flash_attention(q, k, v, causal=causal, window_size=window, softcap=softcap,
                                    alibi_slopes=slopes, backend="reference")
-    expected = _explicit(q, k, v, causal, window, softcap, slopes)
+    expected, _ = explicit_attention(q, k, v, causal=causal, window=window, softcap=softcap, slopes=slopes)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(expected, (q, k, v), grad)

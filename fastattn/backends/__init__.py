@@ -2,7 +2,8 @@
 
 A backend is a package ``fastattn.<name>`` holding one module per op (``attention``, ``norm``,
 ``ffn``). Each op module declares ``CAPABILITIES`` and implements ``forward``/``backward``
-with the signatures documented in ``fastattn/ops/<op>.py``; it may add per-call reasons with a
+with the signatures documented in ``fastattn/ops/<op>.py`` (attention modules declaring
+``kvcache`` also implement ``kvcache_forward``, see ``fastattn/ops/kvcache.py``); it may add per-call reasons with a
 ``not_supported_reasons(inputs, options)`` function. The machine-level checks (is triton
 importable, is there a GPU, did the CUDA extension build) live in the :class:`Backend` objects
 below. Selection order for ``backend=None``: cuda (once verified on hardware), triton,
@@ -77,6 +78,12 @@ class Backend:
 
     def backward(self, op: str, *args):
         return self.op_module(op).backward(*args)
+
+    def kvcache_forward(self, inputs, options):
+        """One decoding step over a KV cache: the attention module's ``kvcache_forward(inputs:
+        KVCacheInputs, options) -> (out (B, Lq, H, D), lse (B, H, Lq) fp32)``; served only by
+        backends whose capabilities declare ``kvcache``."""
+        return self.op_module("attention").kvcache_forward(inputs, options)
 
     def __repr__(self) -> str:
         return f"<fastattn backend {self.name!r}>"

@@ -2,7 +2,7 @@
 
 Layout: :mod:`~fastattn.bench.harness` (providers, correctness gate, timers, memory, rows),
 :mod:`~fastattn.bench.runner` (running a suite), one module per suite (``attention``,
-``norm``, ``ffn``, ``model``), :mod:`~fastattn.bench.report` (JSON, CSV, markdown, plots),
+``norm``, ``ffn``, ``model``, ``decode``), :mod:`~fastattn.bench.report` (JSON, CSV, markdown, plots),
 :mod:`~fastattn.bench.cli` (the command). Nothing here runs or imports a GPU library on import.
 """
 

@@ -1,4 +1,4 @@
-"""``fastattn bench [attention|norm|ffn|model|all] [--quick] [--device ...] [--out DIR]``."""
+"""``fastattn bench [attention|norm|ffn|model|decode|all] [--quick] [--device ...] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ SUITES = {
     "norm": "fastattn.bench.norm",
     "ffn": "fastattn.bench.ffn",
     "model": "fastattn.bench.model",
+    "decode": "fastattn.bench.decode",
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TIMERS = {
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         "checked against the float64 reference before it is timed. Writes results.json, "
         "results.csv, table.md and one PNG per op under --out.",
     )
-    parser.add_argument("ops", nargs="*", default=["all"], metavar="OP", help="attention, norm, ffn, model or all (default)")
+    parser.add_argument("ops", nargs="*", default=["all"], metavar="OP", help="attention, norm, ffn, model, decode or all (default)")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller sizes and shorter timing (same as --preset quick)")
     parser.add_argument("--preset", choices=PRESETS, default=None, help="sizes: smoke (tests), quick, full (default)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")

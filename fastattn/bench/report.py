@@ -125,7 +125,7 @@ def markdown(data: dict, rows: Sequence[Row]) -> str:
         "one's; x best peer (fastattn rows) = the same for the fastest provider that is not a "
         "fastattn backend, naive included. Peak memory: allocated above the inputs during one "
         "call. Throughput formulas: fastattn/bench/<op>.py (attention_flops, norm_bytes, "
-        "ffn_flops, model_tokens).",
+        "ffn_flops, model_tokens, decode_bytes).",
         "",
     ]
     if data["unavailable_providers"]:

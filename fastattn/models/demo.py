@@ -3,7 +3,9 @@ fused (fastattn ops) and naive (plain PyTorch) implementations side by side.
 
 Both models start from the same weights and see the same batches, so their losses should
 track each other; the demo prints the losses, greedy translations from both, their accuracy
-and the time per training step. On a CPU the fused ops run the reference backend (plain
+and the time per training step. Greedy decoding runs twice per model, over KV caches (one token
+per step) and re-running the whole decoder each step: the demo checks they give the same tokens
+and prints both times. On a CPU the fused ops run the reference backend (plain
 PyTorch formulas), so CPU timings say nothing about the kernels' speed.
 """
 
@@ -29,6 +31,8 @@ class DemoResult:
     losses: dict[str, list[float]]  # per impl, one per step
     accuracy: dict[str, float]  # exact-match greedy translations on held-out sentences
     ms_per_step: dict[str, float]  # mean training step time after the first steps
+    decode_ms: dict[str, dict[str, float]]  # per impl: {"cached": ms, "recompute": ms} greedy decoding of the test set
+    decode_agreement: dict[str, int]  # per impl: test sentences decoded to the same tokens both ways
     examples: list[tuple[str, str, dict[str, str]]]  # (source, reference, {impl: output})
 
 
@@ -150,10 +154,21 @@ def _train_and_report(
     references = [task.translate(row) for row in test.src.tolist()]
     outputs: dict[str, list[list[int]]] = {}
     accuracy: dict[str, float] = {}
+    decode_ms: dict[str, dict[str, float]] = {}
+    agree: dict[str, int] = {}
     for impl, model in models.items():
         model.eval()
-        pred = model.generate(test.src, task.max_target_len, BOS, EOS).tolist()
-        outputs[impl] = [task.strip(row) for row in pred]
+        preds, decode_ms[impl] = {}, {}
+        for label, use_cache in (("recompute", False), ("cached", True)):
+            model.generate(test.src[:2], task.max_target_len, BOS, EOS, use_cache=use_cache)  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            preds[label] = model.generate(test.src, task.max_target_len, BOS, EOS, use_cache=use_cache)
+            _sync(device)
+            decode_ms[impl][label] = 1e3 * (time.perf_counter() - start)
+        # equal but for a float near-tie between two tokens, which the two orders of summation may break differently
+        agree[impl] = sum(a == b for a, b in zip(preds["cached"].tolist(), preds["recompute"].tolist()))
+        outputs[impl] = [task.strip(row) for row in preds["cached"].tolist()]
         accuracy[impl] = sum(o == r for o, r in zip(outputs[impl], references)) / len(references)
 
     examples = []
@@ -174,9 +189,15 @@ def _train_and_report(
     print(f"{'impl':<8}{'first loss':>12}{'last loss':>12}{'accuracy':>10}{'ms/step':>10}")
     for impl in impls:
         print(f"{impl:<8}{losses[impl][0]:>12.4f}{losses[impl][-1]:>12.4f}{accuracy[impl]:>10.1%}{ms[impl]:>10.2f}")
+    print(f"\ngreedy decoding of {len(references)} held-out sentences, re-running the decoder every step vs KV cache:")
+    print(f"{'impl':<8}{'re-run decoder ms':>19}{'KV cache ms':>13}{'speedup':>9}{'same tokens':>13}")
+    for impl in impls:
+        d = decode_ms[impl]
+        print(f"{impl:<8}{d['recompute']:>19.1f}{d['cached']:>13.1f}{d['recompute'] / d['cached']:>8.2f}x"
+              f"{agree[impl]:>8d}/{len(references)}")
     if device.type == "cpu" and "fused" in impls:
         print("(on CPU the fused ops run fastattn's reference backend: these timings are no kernel speed measure)")
-    return DemoResult(losses=losses, accuracy=accuracy, ms_per_step=ms, examples=examples)
+    return DemoResult(losses=losses, accuracy=accuracy, ms_per_step=ms, decode_ms=decode_ms, decode_agreement=agree, examples=examples)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

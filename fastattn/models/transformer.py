@@ -8,6 +8,10 @@ One readable file in the style of nanoGPT. ``TransformerConfig.impl`` picks the 
 Both share every parameter name, so one state_dict loads in either and gives the same outputs.
 
 Sequences are right-padded with ``pad_id``; masks are True at real tokens (flash convention).
+Greedy decoding (``generate``) runs the decoder one token per step over a KV cache per decoder
+layer (:class:`fastattn.nn.KVCache`: self-attention keys/values so far, and the cross-attention
+projection of the memory computed on the first step), the same tokens as re-running the whole
+decoder every step (``use_cache=False``).
 Shapes: B batch, S source length, T target length, C d_model, H heads, D = C // H, V vocab.
 """
 
@@ -23,6 +27,7 @@ from torch import nn
 
 import fastattn
 from fastattn.backends import get_backend
+from fastattn.nn.kv_cache import KVCache
 from fastattn.ops import _checks as checks
 
 Impl = Literal["fused", "naive"]
@@ -124,20 +129,41 @@ class Attention(nn.Module):
             self.qkv_proj = nn.Linear(c, 3 * c, bias=config.bias)
         self.out_proj = nn.Linear(c, c, bias=config.bias)
 
-    def forward(self, x, memory=None, key_mask=None):  # x (B, T, C); memory (B, S, C); key_mask (B, S)
+    def forward(self, x, memory=None, key_mask=None, cache: Optional[KVCache] = None):
+        # x (B, T, C); memory (B, S, C); key_mask (B, S), or (B, T) of x's tokens with a self-attention cache
         B, T, C = x.shape
         H = self.n_head
         if self.cross:
             q = self.q_proj(x).view(B, T, H, C // H)
-            k, v = self.kv_proj(memory).view(B, memory.shape[1], 2, H, C // H).unbind(2)
+            k = v = None
+            if cache is None or not cache.filled:  # a filled cache holds the projected memory
+                k, v = self.kv_proj(memory).view(B, memory.shape[1], 2, H, C // H).unbind(2)
         else:
             q, k, v = self.qkv_proj(x).view(B, T, 3, H, C // H).unbind(2)  # (B, T, H, D) views
+        if cache is not None:
+            return self.out_proj(self._cached(q, k, v, key_mask, cache).reshape(B, T, C))
         p = self.dropout if self.training else 0.0
         if self.impl == "fused":
             y = fastattn.flash_attention(q, k, v, causal=self.causal, key_padding_mask=key_mask, dropout_p=p, backend=self.backend)
         else:
             y = naive_attention(q, k, v, self.causal, key_mask, p)
         return self.out_proj(y.reshape(B, T, C))
+
+    def _cached(self, q, k, v, key_mask, cache: KVCache) -> torch.Tensor:
+        """One decoding step over the cache (inference): q (B, T, H, D), new k/v (B, T, H, D)
+        (self) or the memory's (B, S, H, D) (cross, first step), else None -> (B, T, H, D)."""
+        if self.cross and k is not None:
+            cache.fill(k, v, key_mask)
+        if self.impl == "fused":
+            if self.cross:
+                return cache.attend(q, backend=self.backend)
+            return cache.attend(q, k, v, keep=key_mask, causal=self.causal, backend=self.backend)
+        if not self.cross:
+            if q.shape[1] != 1:
+                raise ValueError(f"the naive cached path decodes one token per step, got {q.shape[1]}")
+            cache.write(k, v, key_mask)
+        keys, values = cache.keys_values()  # (B, max_len, H, D), valid where cache.valid_mask()
+        return naive_attention(q, keys, values, False, cache.valid_mask(), 0.0)
 
 
 class MLP(nn.Module):
@@ -209,17 +235,18 @@ class DecoderBlock(nn.Module):
         self.ln_2, self.cross_attn = AddNorm(config, config.norm_first), Attention(config, cross=True)
         self.ln_3, self.mlp = AddNorm(config, config.norm_first), MLP(config)
 
-    def forward(self, x, h, memory, tgt_mask, src_mask):
+    def forward(self, x, h, memory, tgt_mask, src_mask, caches: Optional[tuple[KVCache, KVCache]] = None):
+        self_cache, cross_cache = caches if caches is not None else (None, None)
         if self.norm_first:
             y, h = self.ln_1(x, h)
-            x = self.self_attn(y, key_mask=tgt_mask)
+            x = self.self_attn(y, key_mask=tgt_mask, cache=self_cache)
             y, h = self.ln_2(x, h)
-            x = self.cross_attn(y, memory, key_mask=src_mask)
+            x = self.cross_attn(y, memory, key_mask=src_mask, cache=cross_cache)
             y, h = self.ln_3(x, h)
             x = self.mlp(y)
             return x, h
-        x = self.ln_1(self.self_attn(x, key_mask=tgt_mask), x)
-        x = self.ln_2(self.cross_attn(x, memory, key_mask=src_mask), x)
+        x = self.ln_1(self.self_attn(x, key_mask=tgt_mask, cache=self_cache), x)
+        x = self.ln_2(self.cross_attn(x, memory, key_mask=src_mask, cache=cross_cache), x)
         x = self.ln_3(self.mlp(x), x)
         return x, None
 
@@ -272,11 +299,11 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.config.d_model**-0.5)
 
-    def _embed(self, emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+    def _embed(self, emb: nn.Embedding, idx: torch.Tensor, start: int = 0) -> torch.Tensor:  # (B, T) -> (B, T, C)
         T = idx.shape[1]
-        if T > self.config.max_len:
-            raise ValueError(f"sequence length {T} is above config.max_len={self.config.max_len}")
-        x = emb(idx) * math.sqrt(self.config.d_model) + self.pos[:T].to(emb.weight.dtype)
+        if start + T > self.config.max_len:
+            raise ValueError(f"sequence length {start + T} is above config.max_len={self.config.max_len}")
+        x = emb(idx) * math.sqrt(self.config.d_model) + self.pos[start:start + T].to(emb.weight.dtype)
         # pre-norm fuses the embedding dropout into the first norm's residual add
         return x if self.config.norm_first else F.dropout(x, self.config.dropout, self.training)
 
@@ -306,16 +333,50 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.config.pad_id)
         return logits, loss
 
+    def new_caches(self, batch: int, max_steps: int, src_len: int, block_size: Optional[int] = None) -> list:
+        """Empty caches for :meth:`decode_step`, one (self-attention, cross-attention) pair per
+        decoder layer: room for max_steps target tokens and src_len memory positions, in the
+        parameters' dtype and device; paged with ``block_size`` blocks, else contiguous."""
+        c, weight = self.config, self.tgt_emb.weight
+        shape = dict(nheads_kv=c.n_head, head_dim=c.d_model // c.n_head, dtype=weight.dtype, device=weight.device,
+                     block_size=block_size)
+        return [
+            (KVCache(batch, max_steps, **shape), KVCache(batch, src_len, cross=True, **shape))
+            for _ in self.decoder
+        ]
+
+    def decode_step(self, token: torch.Tensor, step: int, memory: torch.Tensor, src: torch.Tensor, caches: list) -> torch.Tensor:
+        """The decoder on one new target token per sequence, attending over the caches (which it
+        extends): token (B, 1) ids at position ``step``, memory (B, S, C), src (B, S) ids ->
+        logits (B, V), equal to ``decode(all tokens so far, ...)[:, -1]``. Inference only."""
+        tgt_mask, src_mask = token != self.config.pad_id, src != self.config.pad_id
+        x, h = self._embed(self.tgt_emb, token, start=step), None
+        for block, block_caches in zip(self.decoder, caches):
+            x, h = block(x, h, memory, tgt_mask, src_mask, caches=block_caches)
+        x = self.dec_ln(x, h) if self.dec_ln is not None else x
+        return self.lm_head(x[:, -1])
+
     @torch.no_grad()
-    def generate(self, src: torch.Tensor, max_new_tokens: int, bos_id: int, eos_id: int) -> torch.Tensor:
+    def generate(
+        self, src: torch.Tensor, max_new_tokens: int, bos_id: int, eos_id: int, *,
+        use_cache: bool = True, block_size: Optional[int] = None,
+    ) -> torch.Tensor:
         """Greedy decoding: (B, S) source ids -> (B, <= max_new_tokens) ids, each row ending
-        with eos_id when it was produced, then pad_id."""
+        with eos_id when it was produced, then pad_id. ``use_cache``: one token per step over
+        KV caches (paged with ``block_size``), else the whole decoder re-run every step (the
+        same tokens, slower)."""
+        checks.check_positive_int("max_new_tokens", max_new_tokens)
+        checks.check_bool("use_cache", use_cache)
         memory = self.encode(src)
         out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
-        for _ in range(max_new_tokens):
-            nxt = self.decode(out, memory, src)[:, -1].argmax(-1)  # (B,)
-            nxt = nxt.masked_fill(done, self.config.pad_id)
+        caches = self.new_caches(src.shape[0], max_new_tokens, src.shape[1], block_size) if use_cache else None
+        for step in range(max_new_tokens):
+            if use_cache:
+                logits = self.decode_step(out[:, -1:], step, memory, src, caches)
+            else:
+                logits = self.decode(out, memory, src)[:, -1]
+            nxt = logits.argmax(-1).masked_fill(done, self.config.pad_id)  # (B,)
             out = torch.cat([out, nxt[:, None]], dim=1)
             done |= nxt == eos_id
             if bool(done.all()):

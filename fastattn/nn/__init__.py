@@ -5,10 +5,12 @@
 arguments and defaults (plus a keyword-only ``backend``), same parameter names and state_dict
 keys, same forward signature and results. ``AddLayerNorm`` (residual + dropout + LayerNorm) and
 ``FeedForward`` are fastattn's own. To convert an existing model use
-:func:`fastattn.replace_modules`.
+:func:`fastattn.replace_modules`. ``KVCache`` holds one attention layer's keys and values
+for incremental decoding (``MultiheadAttention(..., kv_cache=cache)``).
 """
 
 from fastattn.nn.attention import MultiheadAttention
+from fastattn.nn.kv_cache import KVCache
 from fastattn.nn.ffn import FeedForward
 from fastattn.nn.norm import AddLayerNorm, LayerNorm, RMSNorm
 from fastattn.nn.transformer import TransformerDecoderLayer, TransformerEncoderLayer
@@ -16,6 +18,7 @@ from fastattn.nn.transformer import TransformerDecoderLayer, TransformerEncoderL
 __all__ = [
     "AddLayerNorm",
     "FeedForward",
+    "KVCache",
     "LayerNorm",
     "MultiheadAttention",
     "RMSNorm",

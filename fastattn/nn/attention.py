@@ -5,7 +5,9 @@ projects q, k, v in the caller's layout, takes (B, L, H, D) views of them (no co
 ``fastattn.flash_attention`` (no mask, or a bool key padding mask only) or
 ``fastattn.scaled_dot_product_attention`` (any other mask), then the output projection.
 ``need_weights=True`` needs the probabilities themselves, so it runs torch's own path, as do
-nested or empty inputs and a mask that requires grad.
+nested or empty inputs and a mask that requires grad. With ``kv_cache=`` (a
+:class:`fastattn.nn.KVCache`) the forward is one incremental decoding step over the cache,
+through ``fastattn.flash_attention_with_kvcache``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastattn
+from fastattn.nn.kv_cache import KVCache
 
 
 def _check_mask_dtype(name: str, mask: Optional[torch.Tensor]) -> None:
@@ -68,6 +71,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             A float mask that requires grad (a learned bias) runs torch's unfused path, which
             computes its gradient.
         is_causal: a hint that attn_mask is the causal mask (attn_mask is still required).
+        kv_cache: keyword-only, a :class:`fastattn.nn.KVCache` (from :meth:`new_kv_cache`) for
+            incremental decoding (inference; see :meth:`cached_forward`), or None (torch's
+            contract).
     Returns (attn_output like query, weights (N, L, S) with need_weights else None).
     """
 
@@ -111,7 +117,17 @@ class MultiheadAttention(nn.MultiheadAttention):
         attn_mask: Optional[torch.Tensor] = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        kv_cache: Optional[KVCache] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if kv_cache is not None:
+            if need_weights:
+                raise ValueError("need_weights=True is not available with kv_cache: the fused decoding kernel "
+                                 "never forms the weights; pass need_weights=False")
+            return self.cached_forward(
+                query, key, value, kv_cache, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                is_causal=is_causal, backend=self.backend,
+            ), None
         unfused = need_weights or any(t.is_nested or t.numel() == 0 for t in (query, key, value))
         if unfused or _learned(attn_mask, key_padding_mask):
             # The weights are the probabilities themselves, which a fused kernel never stores;
@@ -200,6 +216,11 @@ class MultiheadAttention(nn.MultiheadAttention):
                 dropout_p=dropout_p, is_causal=is_causal, backend=backend,
             ).transpose(1, 2)  # (B, Lq, H, D)
 
+        return self._out_projection(out, batched)
+
+    def _out_projection(self, out: torch.Tensor, batched: bool) -> torch.Tensor:
+        """(B, L, H, D) attention output -> the caller's layout, through out_proj."""
+        bsz, tgt_len = out.shape[:2]
         if not batched:
             out = out[0].reshape(tgt_len, self.embed_dim)
         elif self.batch_first:
@@ -207,6 +228,108 @@ class MultiheadAttention(nn.MultiheadAttention):
         else:
             out = out.transpose(0, 1).reshape(tgt_len, bsz, self.embed_dim)
         return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+    # ----------------------------------------------------------------------------------------
+    # Incremental decoding over a KV cache
+    # ----------------------------------------------------------------------------------------
+    def new_kv_cache(
+        self, batch: int, max_len: int, *, block_size: Optional[int] = None, cross: bool = False
+    ) -> KVCache:
+        """An empty :class:`KVCache` sized for this module (num_heads heads of head_dim, its
+        dtype and device): ``cross=True`` for cross-attention over a fixed memory of at most
+        max_len keys; ``block_size`` for a paged cache."""
+        weight = self.out_proj.weight
+        return KVCache(batch, max_len, self.num_heads, self.head_dim, dtype=weight.dtype, device=weight.device,
+                       block_size=block_size, cross=cross)
+
+    def cached_forward(
+        self,
+        query: torch.Tensor,
+        key: Optional[torch.Tensor],
+        value: Optional[torch.Tensor],
+        kv_cache: KVCache,
+        *,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        backend: Optional[str] = None,
+    ) -> torch.Tensor:
+        """One decoding step over ``kv_cache`` with ``fastattn.flash_attention_with_kvcache``;
+        the same output as the full forward over every step so far (inference only: under
+        torch.no_grad() or torch.inference_mode(); no dropout).
+
+        Self-attention (``kv_cache.cross`` False): key/value are the new step's tokens; their
+        projections are appended to the cache and query attends over the sequence so far,
+        ``is_causal`` (no attn_mask needed) aligned bottom-right. ``key_padding_mask`` (N, L)
+        marks new tokens that are padding: they are never stored, so later steps do not see
+        them (several new tokens with padding and is_causal: not supported).
+        Cross-attention (``kv_cache.cross`` True): the first call projects key/value (the
+        memory, (S, N, kdim)) into the cache, its ``key_padding_mask`` (N, S) deciding which
+        keys are stored; later calls reuse them (key/value and key_padding_mask unused, may be
+        None).
+
+        Arguments:
+            query: (L, N, E) (or (N, L, E) with batch_first, (L, E) unbatched).
+            key, value: (L or S, N, kdim / vdim) like query's layout, or None (filled cross cache).
+            kv_cache: built for this module (:meth:`new_kv_cache`) with N sequences.
+            key_padding_mask: bool, True = padding (torch's convention), or None.
+            attn_mask: must be None (the cache has its own masking: lengths and is_causal).
+        Returns the attention output like query.
+        """
+        if not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache must be a fastattn.nn.KVCache, got {type(kv_cache).__name__}")
+        if attn_mask is not None:
+            raise ValueError("attn_mask is not supported with kv_cache: use is_causal (bottom-right aligned) "
+                             "and key_padding_mask")
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported with kv_cache")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise ValueError("incremental decoding with kv_cache is inference-only (no gradient through the "
+                             "cache): call it under torch.no_grad() or torch.inference_mode()")
+        if query.dim() not in (2, 3) or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query must be (L, E) or 3-D with last dim embed_dim={self.embed_dim}, "
+                             f"got shape {tuple(query.shape)}")
+        batched = query.dim() == 3
+        fill = not kv_cache.cross or not kv_cache.filled
+        if fill:
+            if key is None or value is None:
+                raise ValueError("key and value are required: the KV cache is a self-attention cache or an "
+                                 "unfilled cross-attention cache")
+            self._check_inputs(query, key, value, key_padding_mask, None)
+            _check_mask_dtype("key_padding_mask", key_padding_mask)
+            if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+                raise TypeError(f"key_padding_mask must be bool with kv_cache, got {key_padding_mask.dtype}")
+        if kv_cache.cross:
+            q = self._to_blhd(self._project(query, 0), batched)  # (B, Lq, H, D)
+            k = v = None
+            if fill:
+                k = self._to_blhd(self._project(key, 1), batched)  # (B, S, H, D)
+                v = self._to_blhd(self._project(value, 2), batched)
+        else:
+            q, k, v = (self._to_blhd(t, batched) for t in self._in_projection(query, key, value))
+        if kv_cache.batch != q.shape[0]:
+            raise ValueError(f"kv_cache holds {kv_cache.batch} sequences, the query batch is {q.shape[0]}")
+        keep = None
+        if fill and key_padding_mask is not None:
+            keep = ~(key_padding_mask if batched else key_padding_mask.unsqueeze(0))  # (B, L)
+            if tuple(keep.shape) != tuple(k.shape[:2]):
+                raise ValueError(f"key_padding_mask must have shape (N, S) = {tuple(k.shape[:2])} (the new keys), "
+                                 f"got {tuple(key_padding_mask.shape)}")
+        if not kv_cache.cross:
+            out = kv_cache.attend(q, k, v, keep=keep, causal=is_causal, backend=backend)
+        else:
+            if fill:
+                kv_cache.fill(k, v, keep)
+            out = kv_cache.attend(q, backend=backend)
+        return self._out_projection(out, batched)
+
+    def _project(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """x through the q (0), k (1) or v (2) input projection, caller's layout, last dim E."""
+        e = self.embed_dim
+        b = None if self.in_proj_bias is None else self.in_proj_bias[which * e:(which + 1) * e]
+        if not self._qkv_same_embed_dim:
+            return F.linear(x, (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[which], b)
+        return F.linear(x, self.in_proj_weight[which * e:(which + 1) * e], b)
 
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         if query.dim() not in (2, 3):

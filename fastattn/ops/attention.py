@@ -2,6 +2,8 @@
 
 Data path: public function -> validate -> AttentionOptions -> backends.select ->
 AttentionFunction.apply -> backend ``attention`` module ``forward``/``backward``.
+``flash_attention_varlen`` takes the same path with cu_seqlens in AttentionInputs; KV-cache
+decoding (inference only) is in fastattn/ops/kvcache.py.
 """
 
 from __future__ import annotations
@@ -21,22 +23,29 @@ from fastattn.options import AttentionInputs, AttentionOptions, RngState
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-def _validate_flash(q, k, v, key_padding_mask) -> AttentionInputs:
+def _validate_qkv(q, k, v, layout: str, kv_layout: str) -> None:
+    """q (*lead, L, H, D), k/v (*lead, Lk, Hkv, D) with H % Hkv == 0: types, float dtype, one
+    dtype and device, shapes. layout / kv_layout name the dims in messages."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         checks.check_tensor(name, t)
-        checks.check_ndim(name, t, 4, "(batch, seqlen, nheads, headdim)")
+        checks.check_ndim(name, t, layout.count(",") + 1, layout)  # layout names every dim
         checks.check_float_dtype(name, t)
         checks.check_nonempty(name, t)
     checks.check_same_dtype("k", k, "q", q)
     checks.check_same_dtype("v", v, "q", q)
     checks.check_same_device("k", k, "q", q)
     checks.check_same_device("v", v, "q", q)
-    b, _, h, d = q.shape
-    _, lk, hkv, _ = k.shape
-    checks.check_shape("k", k, (b, lk, hkv, d), "(batch, seqlen_k, nheads_kv, headdim)")
-    checks.check_shape("v", v, (b, lk, hkv, d), "(batch, seqlen_k, nheads_kv, headdim)")
-    if h % hkv != 0:
-        raise ValueError(f"q's nheads ({h}) must be a multiple of k/v's nheads_kv ({hkv})")
+    h, d = q.shape[-2:]
+    expected = (*q.shape[:-3], k.shape[-3], k.shape[-2], d)
+    checks.check_shape("k", k, expected, kv_layout)
+    checks.check_shape("v", v, expected, kv_layout)
+    if h % k.shape[-2] != 0:
+        raise ValueError(f"q's nheads ({h}) must be a multiple of k/v's nheads_kv ({k.shape[-2]})")
+
+
+def _validate_flash(q, k, v, key_padding_mask) -> AttentionInputs:
+    _validate_qkv(q, k, v, "(batch, seqlen, nheads, headdim)", "(batch, seqlen_k, nheads_kv, headdim)")
+    b, lk = k.shape[:2]
     checks.check_tensor("key_padding_mask", key_padding_mask, optional=True)
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
@@ -56,6 +65,22 @@ def _validate_options(softmax_scale, dropout_p, head_dim: int, **flags) -> tuple
         checks.check_bool(name, value)
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else checks.check_positive("softmax_scale", softmax_scale)
     return scale, checks.check_probability("dropout_p", dropout_p)
+
+
+def _flash_options(head_dim: int, softmax_scale, dropout_p, window_size, softcap, *, causal, **flags) -> AttentionOptions:
+    """The validated options of the flash-layout functions (bottom-right alignment)."""
+    scale, dropout_p = _validate_options(softmax_scale, dropout_p, head_dim, causal=causal, **flags)
+    window_left, window_right = _validate_window(window_size, causal)
+    return AttentionOptions(
+        softmax_scale=scale,
+        causal=causal,
+        causal_alignment="bottom_right",
+        dropout_p=dropout_p,
+        deterministic=flags.get("deterministic", False),
+        window_left=window_left,
+        window_right=window_right,
+        softcap=_validate_softcap(softcap),
+    )
 
 
 def _validate_window(window_size, causal: bool) -> tuple[int, int]:
@@ -92,6 +117,54 @@ def _validate_alibi(alibi_slopes, batch: int, nheads: int, q: torch.Tensor) -> O
     if alibi_slopes.requires_grad:
         raise ValueError("alibi_slopes must not require grad: fastattn computes no gradient for the slopes")
     return alibi_slopes.contiguous()
+
+
+def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttentionInputs:
+    """Packed q (total_q, H, D), k/v (total_k, Hkv, D) and their int32 (batch+1,) offsets. Reads
+    both cu_seqlens to the host once (one sync) to check their values."""
+    _validate_qkv(q, k, v, "(total_q, nheads, headdim)", "(total_k, nheads_kv, headdim)")
+    total_q, total_k = q.shape[0], k.shape[0]
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        checks.check_tensor(name, cu)
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must be 1-D (batch + 1,) with batch >= 1, got shape {tuple(cu.shape)}")
+        checks.check_same_device(name, cu, "q", q)
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's shape (batch + 1,) = {tuple(cu_seqlens_q.shape)}, "
+                         f"got {tuple(cu_seqlens_k.shape)}")
+    offsets_q, offsets_k = torch.stack((cu_seqlens_q, cu_seqlens_k)).tolist()  # the one host sync
+    for name, offsets, total, max_name, max_seqlen in (
+        ("cu_seqlens_q", offsets_q, total_q, "max_seqlen_q", max_seqlen_q),
+        ("cu_seqlens_k", offsets_k, total_k, "max_seqlen_k", max_seqlen_k),
+    ):
+        _check_offsets(name, offsets, total)
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
+        longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+        if max_seqlen < longest:
+            raise ValueError(f"{max_name} ({max_seqlen}) must be >= the longest sequence in {name} ({longest})")
+    return AttentionInputs(
+        q=checks.last_dim_contiguous(q),
+        k=checks.last_dim_contiguous(k),
+        v=checks.last_dim_contiguous(v),
+        cu_seqlens_q=cu_seqlens_q.contiguous(),
+        cu_seqlens_k=cu_seqlens_k.contiguous(),
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+    )
+
+
+def _check_offsets(name: str, offsets: list[int], total: int) -> None:
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+    for b, (start, end) in enumerate(zip(offsets, offsets[1:])):
+        if end < start:
+            raise ValueError(f"{name} must be non-decreasing (sorted offsets), but {name}[{b + 1}] = {end} "
+                             f"< {name}[{b}] = {start}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name}[-1] ({offsets[-1]}) must equal the number of packed rows ({total})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,22 +268,71 @@ def flash_attention(
         output 0 and lse -inf (never NaN), and passes no gradient.
     """
     inputs = _validate_flash(q, k, v, key_padding_mask)
-    scale, dropout_p = _validate_options(
-        softmax_scale, dropout_p, inputs.head_dim,
+    options = _flash_options(
+        inputs.head_dim, softmax_scale, dropout_p, window_size, softcap,
         causal=causal, return_lse=return_lse, deterministic=deterministic,
     )
-    window_left, window_right = _validate_window(window_size, causal)
     inputs = dataclasses.replace(inputs, alibi_slopes=_validate_alibi(alibi_slopes, inputs.batch, inputs.nheads, q))
-    options = AttentionOptions(
-        softmax_scale=scale,
-        causal=causal,
-        causal_alignment="bottom_right",
-        dropout_p=dropout_p,
-        deterministic=deterministic,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=_validate_softcap(softcap),
+    out, lse = _run(inputs, options, backend)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over a packed batch of variable-length sequences (flash-attn's
+    ``flash_attn_varlen_func``): sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q
+    and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v; sequences never see each other and
+    nothing is padded.
+
+    Arguments:
+        q: (total_q, nheads, headdim), float16 / bfloat16 / float32 (float64 on the reference
+            backend), last dim contiguous.
+        k, v: (total_k, nheads_kv, headdim), q's dtype and device; ``nheads % nheads_kv == 0``.
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 on q's device: 0, then the running
+            total of the sequence lengths (non-decreasing; empty sequences allowed), ending
+            at total_q / total_k. Read once on the host for validation.
+        max_seqlen_q, max_seqlen_k: ints >= the longest query / key sequence.
+        causal: per sequence, query i sees key j iff ``j <= i + seqlen_k - seqlen_q``
+            (bottom-right aligned).
+        softmax_scale: a positive finite float; defaults to ``1 / sqrt(headdim)``.
+        dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
+        window_size: (left, right), -1 = unbounded, per sequence as in ``flash_attention``;
+            with causal, right is 0.
+        softcap: > 0 caps the scaled scores: ``softcap * tanh(scale * q.k / softcap)``.
+        alibi_slopes: (nheads,) or (batch, nheads) float32: adds
+            ``-slope * |i + seqlen_k - seqlen_q - j|`` per sequence.
+        return_lse: also return the logsumexp.
+        deterministic: bitwise-reproducible backward.
+        backend: "triton", "cuda", "cpu", "reference" or None (automatic).
+
+    Returns:
+        out: (total_q, nheads, headdim), q's dtype; and with ``return_lse`` also
+        lse: (nheads, total_q) float32 (flash-attn's varlen layout). A query row that sees no
+        key (e.g. of a sequence with no keys) gets output 0 and lse -inf, and no gradient.
+    """
+    inputs = _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    options = _flash_options(
+        inputs.head_dim, softmax_scale, dropout_p, window_size, softcap,
+        causal=causal, return_lse=return_lse, deterministic=deterministic,
     )
+    inputs = dataclasses.replace(inputs, alibi_slopes=_validate_alibi(alibi_slopes, inputs.batch, inputs.nheads, q))
     out, lse = _run(inputs, options, backend)
     return (out, lse) if return_lse else out
 

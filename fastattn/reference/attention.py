@@ -8,6 +8,7 @@ backward: dV = (P * Z)^T dO; dP = (dO V^T) * Z; D = rowsum(dO * O);
           dS = P * (dP - D), times (1 - (T / c)^2) under softcap;
           dQ = scale dS K; dK = scale dS^T Q (summed over each kv group).
 Variable-length batches run the same formulas on each sequence's views (no padding).
+KV-cache decoding gathers each sequence's valid cache prefix and runs the variable-length path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 
 from fastattn.backends.capabilities import FLOAT_DTYPES, AttentionCapabilities
-from fastattn.options import AttentionInputs, AttentionOptions, RngState
+from fastattn.options import AttentionInputs, AttentionOptions, KVCacheInputs, RngState
 
 CAPABILITIES = AttentionCapabilities(
     dtypes=FLOAT_DTYPES, window=True, softcap=True, alibi=True, varlen=True, kvcache=True, paged_kvcache=True
@@ -225,3 +226,43 @@ def _varlen_backward(dout, out, lse, inputs: AttentionInputs, options: Attention
                      _sequence_inputs(inputs, b, bounds), options, seq_rng)
         dq[qs:qe], dk[ks:ke], dv[ks:ke] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# KV-cache decoding: each sequence's valid prefix gathered, then the variable-length path
+# --------------------------------------------------------------------------------------------
+def kvcache_as_varlen(inputs: KVCacheInputs) -> AttentionInputs:
+    """The packed batch equal to one decoding step: q (B * Lq, H, D) and the first
+    ``cache_seqlens[b]`` cache positions of each sequence gathered (copied) into k, v
+    (sum(cache_seqlens), Hkv, D); varlen's per-sequence bottom-right alignment is the cache's."""
+    b, lq, device = inputs.batch, inputs.seqlen_q, inputs.device
+    lengths = inputs.cache_seqlens.long()  # (B,)
+    cu_k = torch.cat((lengths.new_zeros(1), lengths.cumsum(0)))  # (B + 1,)
+    total, longest = torch.stack((cu_k[-1], lengths.max())).tolist()
+    seq = torch.repeat_interleave(torch.arange(b, device=device), lengths, output_size=total)  # (total,)
+    pos = torch.arange(total, device=device) - cu_k[seq]  # position inside its sequence
+    if inputs.is_paged:
+        block_size = inputs.k_cache.shape[1]
+        rows = inputs.block_table.long()[seq, pos // block_size]
+        cols = pos % block_size
+    else:
+        rows = seq if inputs.cache_batch_idx is None else inputs.cache_batch_idx.long()[seq]
+        cols = pos
+    return AttentionInputs(
+        q=inputs.q.reshape(b * lq, inputs.nheads, inputs.head_dim),
+        k=inputs.k_cache[rows, cols],
+        v=inputs.v_cache[rows, cols],
+        alibi_slopes=inputs.alibi_slopes,
+        cu_seqlens_q=torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=device),
+        cu_seqlens_k=cu_k.to(torch.int32),
+        max_seqlen_q=lq,
+        max_seqlen_k=longest,
+    )
+
+
+def kvcache_forward(inputs: KVCacheInputs, options: AttentionOptions):
+    """Returns out (B, Lq, H, D) in q's dtype and lse (B, H, Lq) float32 (the cache already
+    holds the new tokens; see fastattn/ops/kvcache.py)."""
+    b, lq, h = inputs.batch, inputs.seqlen_q, inputs.nheads
+    out, lse = _varlen_forward(kvcache_as_varlen(inputs), options, None)  # (B*Lq, H, D), (H, B*Lq)
+    return out.view(b, lq, h, inputs.head_dim), lse.view(h, b, lq).transpose(0, 1).contiguous()
