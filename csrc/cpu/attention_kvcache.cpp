@@ -37,9 +37,9 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kUnbounded = -1;
-// Keys per tile: scores of a (G * Lq) x kTile tile and the fp32 copy of a half-precision K / V
-// tile (kTile x D) stay in L1 / L2.
-constexpr int64_t kTile = 128;
+// Keys per tile: the (G * Lq) x kTile scores, the transposed K tile (D x kTile) and the fp32
+// copies of half-precision K / V tiles stay in L1 / L2. A multiple of the vector width.
+constexpr int64_t kTile = 64;
 // Smallest automatic chunk: per-task costs (q load, scratch write, combine) stay negligible.
 constexpr int64_t kMinChunk = 256;
 // Automatic chunking aims at this many tasks per thread: equal-size chunks balance the static
@@ -86,25 +86,6 @@ struct Params {
   }
 };
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + c), Vec::loadu(b + c), acc);
-  if (c < n) acc = at::vec::fmadd(Vec::loadu(a + c, n - c), Vec::loadu(b + c, n - c), acc);
-  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-}
-
-// y += alpha * x
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  const Vec a(alpha);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) at::vec::fmadd(a, Vec::loadu(x + c), Vec::loadu(y + c)).store(y + c);
-  if (c < n) {
-    const int64_t count = n - c;
-    at::vec::fmadd(a, Vec::loadu(x + c, count), Vec::loadu(y + c, count)).store(y + c, count);
-  }
-}
-
 inline void scale_row(float* x, int64_t n, float factor) {
   const Vec f(factor);
   int64_t c = 0;
@@ -130,7 +111,24 @@ inline float exp_sum(float* x, int64_t n, float sub) {
   return sum;
 }
 
-// rows x dim rows of the cache starting at src (row stride ld) as fp32: in place for fp32, else
+// One cache row (dim values) as fp32 into dst.
+template <typename scalar_t>
+inline void row_to_fp32(const scalar_t* src, float* dst, int64_t dim) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy(src, src + dim, dst);
+  } else {
+    using VecS = at::vec::Vectorized<scalar_t>;
+    int64_t d = 0;
+    for (; d + VecS::size() <= dim; d += VecS::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VecS::loadu(src + d));
+      lo.store(dst + d);
+      hi.store(dst + d + Vec::size());
+    }
+    for (; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+  }
+}
+
+// rows x dim rows of the cache from src (row stride ld) as fp32: in place for fp32, else
 // converted into buf. Returns the pointer; ld_out its row stride.
 template <typename scalar_t>
 inline const float* rows_fp32(const scalar_t* src, int64_t rows, int64_t ld, int64_t dim, float* buf,
@@ -139,87 +137,184 @@ inline const float* rows_fp32(const scalar_t* src, int64_t rows, int64_t ld, int
     ld_out = ld;
     return src;
   } else {
-    for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld, buf + r * dim, dim);
+    for (int64_t r = 0; r < rows; ++r) row_to_fp32(src + r * ld, buf + r * dim, dim);
     ld_out = dim;
     return buf;
   }
 }
 
-// Per-thread state of one task: the group's rows r = i * G + g (query i, head hk * G + g).
-struct GroupState {
-  std::vector<float> q, acc, row_max, row_sum, scores, k_buf, v_buf;
-  GroupState(int64_t rows, int64_t dim, bool convert)
-      : q(rows * dim), acc(rows * dim), row_max(rows), row_sum(rows), scores(rows * kTile),
-        k_buf(convert ? kTile * dim : 0), v_buf(convert ? kTile * dim : 0) {}
+// Software prefetch of the next tile's K / V rows of one kv head, for row strides of at least
+// kPrefetchStride bytes (e.g. 4 KiB for 8 kv heads of 128 fp32): the hardware prefetchers do
+// not follow such strides and each tile would wait on DRAM latency (measured: 1.7x slower).
+// Shorter strides are left to the hardware (prefetching them measured slightly slower).
+constexpr int64_t kPrefetchStride = 2048;
+
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* src, int64_t rows, int64_t ld, int64_t dim) {
+  constexpr int64_t kLine = 64;
+  const int64_t bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+  if (ld * static_cast<int64_t>(sizeof(scalar_t)) < kPrefetchStride) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(src + r * ld);
+    for (int64_t offset = 0; offset < bytes; offset += kLine) __builtin_prefetch(row + offset, 0, 1);
+  }
+}
+
+// dst (dim x kTile) = src (rows x dim, row stride ld) transposed: keys become vector lanes, so
+// the scores need no horizontal reductions. Whole 16 x 16 blocks take at::vec's shuffles.
+inline void transpose_tile(const float* src, int64_t ld, int64_t rows, int64_t dim, float* dst) {
+  constexpr int64_t kB = 16;
+  const int64_t full_r = rows / kB * kB, full_d = dim / kB * kB;
+  for (int64_t r = 0; r < full_r; r += kB)
+    for (int64_t d = 0; d < full_d; d += kB)
+      at::vec::transpose_mxn<float, kB, kB>(src + r * ld + d, ld, dst + d * kTile + r, kTile);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = r < full_r ? full_d : 0; d < dim; ++d) dst[d * kTile + r] = src[r * ld + d];
+}
+
+// scores (R rows, row stride kTile) over keys [0, n) = q (R rows of dim) . kt (dim x kTile).
+// The kt buffer is kTile wide, so whole vectors past n read finite scratch and are ignored.
+template <int R>
+inline void scores_block(const float* q, int64_t dim, const float* kt, int64_t n, float* scores) {
+  for (int64_t c = 0; c < n; c += Vec::size()) {
+    Vec acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = Vec(0.f);
+    for (int64_t d = 0; d < dim; ++d) {
+      const Vec k = Vec::loadu(kt + d * kTile + c);
+      for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec(q[r * dim + d]), k, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) acc[r].store(scores + r * kTile + c);
+  }
+}
+
+// acc (R rows of dim) += probs (R rows, stride kTile) over keys [c0, c1) . v (rows of dim, ld),
+// in register chunks of kChunk vectors per row.
+template <int R>
+inline void pv_block(const float* probs, int64_t c0, int64_t c1, const float* v, int64_t ld, float* acc,
+                     int64_t dim) {
+  constexpr int kChunk = 4;
+  constexpr int64_t W = Vec::size();
+  for (int64_t d0 = 0; d0 < dim; d0 += kChunk * W) {
+    int64_t count[kChunk];
+    for (int k = 0; k < kChunk; ++k) count[k] = std::clamp<int64_t>(dim - d0 - k * W, 0, W);
+    Vec a[R][kChunk];
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < kChunk; ++k) a[r][k] = Vec::loadu(acc + r * dim + d0 + k * W, count[k]);
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* v_row = v + c * ld + d0;
+      Vec vv[kChunk];
+      for (int k = 0; k < kChunk; ++k) vv[k] = Vec::loadu(v_row + k * W, count[k]);
+      for (int r = 0; r < R; ++r) {
+        const Vec p(probs[r * kTile + c]);
+        for (int k = 0; k < kChunk; ++k) a[r][k] = at::vec::fmadd(p, vv[k], a[r][k]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < kChunk; ++k) a[r][k].store(acc + r * dim + d0 + k * W, count[k]);
+  }
+}
+
+// Blocks of up to 4 rows: each K^T / V vector load feeds 4 FMAs.
+template <typename Fn>
+inline void for_row_blocks(int64_t rows, const Fn& fn) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) fn(r, std::integral_constant<int, 4>());
+  switch (rows - r) {
+    case 3: fn(r, std::integral_constant<int, 3>()); break;
+    case 2: fn(r, std::integral_constant<int, 2>()); break;
+    case 1: fn(r, std::integral_constant<int, 1>()); break;
+    default: break;
+  }
+}
+
+// Per-thread state of one task. Rows r = (hk * Lq + i) * G + g: query i of head hk * G + g.
+struct TaskState {
+  std::vector<float> q, acc, row_max, row_sum, scores, kt, k_buf, v_buf;
+  std::vector<int64_t> c0, c1;  // per query: visible columns of the current tile
+  TaskState(int64_t lq, int64_t rows, int64_t group_rows, int64_t dim, bool convert)
+      : q(rows * dim), acc(rows * dim), row_max(rows), row_sum(rows), scores(group_rows * kTile, 0.f),
+        kt(dim * kTile, 0.f), k_buf(convert ? kTile * dim : 0), v_buf(convert ? kTile * dim : 0), c0(lq), c1(lq) {}
 };
 
-// Online softmax of the group over keys [j_begin, j_end) of sequence b, kv head hk.
+// Online softmax of every head of sequence b over keys [j_begin, j_end). Tile by tile, the kv
+// heads are taken in turn, so each cache row (Hkv * D values) is consumed whole while it is
+// in cache; within a kv head, its G query heads are processed together.
 template <typename scalar_t>
-void attend_chunk(const Params& p, const scalar_t* k_cache, const scalar_t* v_cache, int64_t b, int64_t hk,
-                  int64_t j_begin, int64_t j_end, GroupState& st) {
-  const int64_t D = p.dim, G = p.group;
+void attend_chunk(const Params& p, const scalar_t* k_cache, const scalar_t* v_cache, int64_t b, int64_t j_begin,
+                  int64_t j_end, TaskState& st) {
+  const int64_t D = p.dim, G = p.group, group_rows = p.lq * G;
   std::fill(st.acc.begin(), st.acc.end(), 0.f);
   std::fill(st.row_max.begin(), st.row_max.end(), kNegInf);
   std::fill(st.row_sum.begin(), st.row_sum.end(), 0.f);
   for (int64_t j0 = j_begin; j0 < j_end;) {
     const int64_t j1 = std::min(p.run_end(j0, j_end), j0 + kTile), n = j1 - j0;
-    int64_t ldk, ldv;
-    const float* k = rows_fp32(k_cache + p.row_offset(b, j0, p.k_s0, p.k_s1, p.k_s2, hk), n, p.k_s1, D,
-                               st.k_buf.data(), ldk);
-    // Scores, masks and the online-softmax update, query by query (its G rows share lo / hi).
+    const int64_t next = j1 < j_end ? std::min(p.run_end(j1, j_end), j1 + kTile) - j1 : 0;
     bool any = false;
     for (int64_t i = 0; i < p.lq; ++i) {
-      const int64_t c0 = std::clamp<int64_t>(p.lo(b, i) - j0, 0, n);
-      const int64_t c1 = std::clamp<int64_t>(p.hi(b, i) - j0, c0, n);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = i * G + g;
-        float* s = st.scores.data() + r * kTile;
-        std::fill(s, s + c0, kNegInf);
-        std::fill(s + c1, s + n, kNegInf);
-        if (c1 == c0) continue;
-        any = true;
-        const float* q = st.q.data() + r * D;
-        for (int64_t c = c0; c < c1; ++c) s[c] = dot(q, k + c * ldk, D);
-        if (p.softcap > 0.f) {
-          const Vec cap(p.softcap);
-          for (int64_t c = c0; c < c1; c += Vec::size()) {
-            const int64_t count = std::min<int64_t>(Vec::size(), c1 - c);
-            (Vec::loadu(s + c, count).tanh() * cap).store(s + c, count);
-          }
-        }
-        if (p.alibi != nullptr) {
-          const float slope = p.alibi[b * p.alibi_sb + (hk * G + g) * p.alibi_sh];
-          const float pos = static_cast<float>(p.position(b, i) - j0);
-          for (int64_t c = c0; c < c1; ++c) s[c] -= slope * std::abs(pos - static_cast<float>(c));
-        }
-        float tile_max = kNegInf;
-        for (int64_t c = c0; c < c1; ++c) tile_max = std::max(tile_max, s[c]);
-        const float new_max = std::max(st.row_max[r], tile_max);
-        if (new_max == kNegInf) {  // only masked keys so far (e.g. a -inf score): P = 0
-          std::fill(s, s + n, 0.f);
-          continue;
-        }
-        const float alpha = st.row_max[r] == kNegInf ? 0.f : std::exp(st.row_max[r] - new_max);
-        st.row_sum[r] = st.row_sum[r] * alpha + exp_sum(s, n, new_max);
-        st.row_max[r] = new_max;
-        if (alpha != 1.f) scale_row(st.acc.data() + r * D, D, alpha);
-      }
+      st.c0[i] = std::clamp<int64_t>(p.lo(b, i) - j0, 0, n);
+      st.c1[i] = std::clamp<int64_t>(p.hi(b, i) - j0, st.c0[i], n);
+      any = any || st.c1[i] > st.c0[i];
     }
-    if (any) {
+    for (int64_t hk = 0; any && hk < p.heads_kv; ++hk) {
+      const int64_t base = hk * group_rows;  // the kv head's first row
+      if (next > 0) {  // the next tile's rows of this kv head, while this one computes
+        prefetch_rows(k_cache + p.row_offset(b, j1, p.k_s0, p.k_s1, p.k_s2, hk), next, p.k_s1, D);
+        prefetch_rows(v_cache + p.row_offset(b, j1, p.v_s0, p.v_s1, p.v_s2, hk), next, p.v_s1, D);
+      }
+      int64_t ldk, ldv;
+      const float* k = rows_fp32(k_cache + p.row_offset(b, j0, p.k_s0, p.k_s1, p.k_s2, hk), n, p.k_s1, D,
+                                 st.k_buf.data(), ldk);
+      transpose_tile(k, ldk, n, D, st.kt.data());
+      for_row_blocks(group_rows, [&](int64_t r, auto block) {
+        scores_block<decltype(block)::value>(st.q.data() + (base + r) * D, D, st.kt.data(), n,
+                                             st.scores.data() + r * kTile);
+      });
+      // Masks and the online-softmax update; every row's scores become probabilities (0
+      // outside its visible keys).
+      for (int64_t i = 0; i < p.lq; ++i) {
+        const int64_t c0 = st.c0[i], c1 = st.c1[i];
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t local = i * G + g, r = base + local;
+          float* s = st.scores.data() + local * kTile;
+          if (c1 == c0) {
+            std::fill(s, s + n, 0.f);
+            continue;
+          }
+          std::fill(s, s + c0, kNegInf);
+          std::fill(s + c1, s + n, kNegInf);
+          if (p.softcap > 0.f) {
+            const Vec cap(p.softcap);
+            for (int64_t c = c0; c < c1; c += Vec::size()) {
+              const int64_t count = std::min<int64_t>(Vec::size(), c1 - c);
+              (Vec::loadu(s + c, count).tanh() * cap).store(s + c, count);
+            }
+          }
+          if (p.alibi != nullptr) {
+            const float slope = p.alibi[b * p.alibi_sb + (hk * G + g) * p.alibi_sh];
+            const float pos = static_cast<float>(p.position(b, i) - j0);
+            for (int64_t c = c0; c < c1; ++c) s[c] -= slope * std::abs(pos - static_cast<float>(c));
+          }
+          float tile_max = kNegInf;
+          for (int64_t c = c0; c < c1; ++c) tile_max = std::max(tile_max, s[c]);
+          const float new_max = std::max(st.row_max[r], tile_max);
+          const float alpha = st.row_max[r] == kNegInf ? 0.f : std::exp(st.row_max[r] - new_max);
+          st.row_sum[r] = st.row_sum[r] * alpha + exp_sum(s, n, new_max);
+          st.row_max[r] = new_max;
+          if (alpha != 1.f) scale_row(st.acc.data() + r * D, D, alpha);
+        }
+      }
       const float* v = rows_fp32(v_cache + p.row_offset(b, j0, p.v_s0, p.v_s1, p.v_s2, hk), n, p.v_s1, D,
                                  st.v_buf.data(), ldv);
-      for (int64_t i = 0; i < p.lq; ++i) {
-        const int64_t c0 = std::clamp<int64_t>(p.lo(b, i) - j0, 0, n);
-        const int64_t c1 = std::clamp<int64_t>(p.hi(b, i) - j0, c0, n);
-        for (int64_t c = c0; c < c1; ++c) {
-          const float* v_row = v + c * ldv;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t r = i * G + g;
-            const float prob = st.scores[r * kTile + c];
-            if (prob != 0.f) axpy(prob, v_row, st.acc.data() + r * D, D);
-          }
+      for_row_blocks(group_rows, [&](int64_t r, auto block) {
+        constexpr int R = decltype(block)::value;
+        // Columns any row of the block sees (the others' probabilities there are 0).
+        int64_t c0 = n, c1 = 0;
+        for (int64_t row = r; row < r + R; ++row) {
+          c0 = std::min(c0, st.c0[row / G]);
+          c1 = std::max(c1, st.c1[row / G]);
         }
-      }
+        if (c0 < c1) pv_block<R>(st.scores.data() + r * kTile, c0, c1, v, ldv, st.acc.data() + (base + r) * D, D);
+      });
     }
     j0 = j1;
   }
@@ -239,7 +334,7 @@ int64_t choose_chunk(const Params& p, int64_t forced) {
   const int64_t threads = at::get_num_threads();
   if (threads <= 1 || longest <= kMinChunk) return std::max<int64_t>(longest, 1);
   const int64_t target = threads * kTasksPerThread;
-  int64_t chunk = (total * p.heads_kv + target - 1) / target;
+  int64_t chunk = (total + target - 1) / target;
   chunk = std::max(kMinChunk, (chunk + kTile - 1) / kTile * kTile);
   return std::min(chunk, longest);
 }
@@ -252,9 +347,9 @@ void kvcache_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k_ca
   const scalar_t* v_ptr = v_cache.const_data_ptr<scalar_t>();
   scalar_t* o_ptr = out.data_ptr<scalar_t>();  // (B, Lq, H, D) contiguous
   float* lse_ptr = lse.data_ptr<float>();      // (B, H, Lq)
-  const int64_t D = p.dim, H = p.heads, G = p.group, Lq = p.lq, rows = Lq * G;
+  const int64_t D = p.dim, H = p.heads, G = p.group, Lq = p.lq, rows = H * Lq;
 
-  // Tasks: (b, hk, chunk c) flattened; chunk_first[b]: index of b's first chunk among all.
+  // Tasks: (b, chunk c) flattened; chunk_first[b]: index of b's first chunk among all.
   std::vector<int64_t> chunk_first(p.batch + 1, 0);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t n = p.range_end(b) - p.range_begin(b);
@@ -268,42 +363,42 @@ void kvcache_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k_ca
   float* part_o_ptr = split ? part_o.data_ptr<float>() : nullptr;
   float* part_lse_ptr = split ? part_lse.data_ptr<float>() : nullptr;
 
-  at::parallel_for(0, chunks * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
-    GroupState st(rows, D, !std::is_same_v<scalar_t, float>);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    TaskState st(Lq, rows, Lq * G, D, !std::is_same_v<scalar_t, float>);
     int64_t b = 0;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t hk = task % p.heads_kv, global_chunk = task / p.heads_kv;
+    for (int64_t global_chunk = begin; global_chunk < end; ++global_chunk) {
       while (chunk_first[b + 1] <= global_chunk) ++b;
-      while (chunk_first[b] > global_chunk) --b;
       const int64_t c = global_chunk - chunk_first[b];
       const bool own_chunks = chunk_first[b + 1] - chunk_first[b] > 1;
       const int64_t j_begin = std::min(p.range_begin(b) + c * chunk, p.range_end(b));
       const int64_t j_end = std::min(j_begin + chunk, p.range_end(b));
-      for (int64_t i = 0; i < Lq; ++i)
-        for (int64_t g = 0; g < G; ++g) {
-          const scalar_t* src = q_ptr + b * p.q_sb + i * p.q_sl + (hk * G + g) * p.q_sh;
-          float* dst = st.q.data() + (i * G + g) * D;
-          at::vec::convert(src, dst, D);
-          scale_row(dst, D, p.q_scale);
-        }
-      attend_chunk<scalar_t>(p, k_ptr, v_ptr, b, hk, j_begin, j_end, st);
-      for (int64_t i = 0; i < Lq; ++i)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = i * G + g, h = hk * G + g;
-          const bool dead = st.row_sum[r] == 0.f;
-          const float inv = dead ? 0.f : 1.f / st.row_sum[r];
-          const float row_lse = dead ? kNegInf : st.row_max[r] + std::log(st.row_sum[r]);
-          const float* acc = st.acc.data() + r * D;
-          if (own_chunks) {
-            float* dst = part_o_ptr + ((global_chunk * H + h) * Lq + i) * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] = acc[d] * inv;
-            part_lse_ptr[(global_chunk * H + h) * Lq + i] = row_lse;
-          } else {
-            scalar_t* dst = o_ptr + ((b * Lq + i) * H + h) * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inv);
-            lse_ptr[(b * H + h) * Lq + i] = row_lse;
+      for (int64_t hk = 0; hk < p.heads_kv; ++hk)
+        for (int64_t i = 0; i < Lq; ++i)
+          for (int64_t g = 0; g < G; ++g) {
+            const scalar_t* src = q_ptr + b * p.q_sb + i * p.q_sl + (hk * G + g) * p.q_sh;
+            float* dst = st.q.data() + ((hk * Lq + i) * G + g) * D;
+            row_to_fp32(src, dst, D);
+            scale_row(dst, D, p.q_scale);
           }
-        }
+      attend_chunk<scalar_t>(p, k_ptr, v_ptr, b, j_begin, j_end, st);
+      for (int64_t hk = 0; hk < p.heads_kv; ++hk)
+        for (int64_t i = 0; i < Lq; ++i)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = (hk * Lq + i) * G + g, h = hk * G + g;
+            const bool dead = st.row_sum[r] == 0.f;
+            const float inv = dead ? 0.f : 1.f / st.row_sum[r];
+            const float row_lse = dead ? kNegInf : st.row_max[r] + std::log(st.row_sum[r]);
+            const float* acc = st.acc.data() + r * D;
+            if (own_chunks) {
+              float* dst = part_o_ptr + ((global_chunk * H + h) * Lq + i) * D;
+              for (int64_t d = 0; d < D; ++d) dst[d] = acc[d] * inv;
+              part_lse_ptr[(global_chunk * H + h) * Lq + i] = row_lse;
+            } else {
+              scalar_t* dst = o_ptr + ((b * Lq + i) * H + h) * D;
+              for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inv);
+              lse_ptr[(b * H + h) * Lq + i] = row_lse;
+            }
+          }
     }
   });
   if (!split) return;
@@ -330,7 +425,8 @@ void kvcache_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k_ca
         if (l == kNegInf) continue;
         const float w = std::exp(l - top);
         total += w;
-        axpy(w, part_o_ptr + ((c * H + h) * Lq + i) * D, acc.data(), D);
+        const float* part = part_o_ptr + ((c * H + h) * Lq + i) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * part[d];
       }
       const float inv = 1.f / total;
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inv);
