@@ -143,31 +143,39 @@ inline const float* rows_fp32(const scalar_t* src, int64_t rows, int64_t ld, int
   }
 }
 
-// Software prefetch of the next tile's K / V rows of one kv head, for row strides of at least
-// kPrefetchStride bytes (e.g. 4 KiB for 8 kv heads of 128 fp32): the hardware prefetchers do
-// not follow such strides and each tile would wait on DRAM latency (measured: 1.7x slower).
-// Shorter strides are left to the hardware (prefetching them measured slightly slower).
-constexpr int64_t kPrefetchStride = 2048;
+// Rows of the next tile of one kv head, prefetched one row per row of the current tile as it
+// is consumed (K rows while K is transposed, V rows during P.V): the next tile's DRAM traffic
+// overlaps this tile's compute without bursts that fill the line-fill buffers. The hardware
+// prefetchers alone leave decoding latency-bound: a kv head's rows are Hkv * D apart.
+struct NextRows {
+  const char* base = nullptr;
+  int64_t ld_bytes = 0, rows = 0, row_bytes = 0;
 
-template <typename scalar_t>
-inline void prefetch_rows(const scalar_t* src, int64_t rows, int64_t ld, int64_t dim) {
-  constexpr int64_t kLine = 64;
-  const int64_t bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
-  if (ld * static_cast<int64_t>(sizeof(scalar_t)) < kPrefetchStride) return;
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(src + r * ld);
-    for (int64_t offset = 0; offset < bytes; offset += kLine) __builtin_prefetch(row + offset, 0, 1);
+  template <typename scalar_t>
+  NextRows(const scalar_t* src, int64_t n, int64_t ld, int64_t dim)
+      : base(reinterpret_cast<const char*>(src)), ld_bytes(ld * static_cast<int64_t>(sizeof(scalar_t))), rows(n),
+        row_bytes(dim * static_cast<int64_t>(sizeof(scalar_t))) {}
+  NextRows() = default;
+
+  void fetch(int64_t r) const {
+    if (r >= rows) return;
+    const char* row = base + r * ld_bytes;
+    for (int64_t offset = 0; offset < row_bytes; offset += 64) __builtin_prefetch(row + offset, 0, 1);
   }
-}
+};
 
 // dst (dim x kTile) = src (rows x dim, row stride ld) transposed: keys become vector lanes, so
 // the scores need no horizontal reductions. Whole 16 x 16 blocks take at::vec's shuffles.
-inline void transpose_tile(const float* src, int64_t ld, int64_t rows, int64_t dim, float* dst) {
+inline void transpose_tile(const float* src, int64_t ld, int64_t rows, int64_t dim, float* dst,
+                           const NextRows& next) {
   constexpr int64_t kB = 16;
   const int64_t full_r = rows / kB * kB, full_d = dim / kB * kB;
-  for (int64_t r = 0; r < full_r; r += kB)
+  for (int64_t r = 0; r < full_r; r += kB) {
+    for (int64_t f = r; f < r + kB; ++f) next.fetch(f);
     for (int64_t d = 0; d < full_d; d += kB)
       at::vec::transpose_mxn<float, kB, kB>(src + r * ld + d, ld, dst + d * kTile + r, kTile);
+  }
+  for (int64_t f = full_r; f < kTile; ++f) next.fetch(f);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = r < full_r ? full_d : 0; d < dim; ++d) dst[d * kTile + r] = src[r * ld + d];
 }
@@ -191,7 +199,7 @@ inline void scores_block(const float* q, int64_t dim, const float* kt, int64_t n
 // in register chunks of kChunk vectors per row.
 template <int R>
 inline void pv_block(const float* probs, int64_t c0, int64_t c1, const float* v, int64_t ld, float* acc,
-                     int64_t dim) {
+                     int64_t dim, const NextRows& next) {
   constexpr int kChunk = 4;
   constexpr int64_t W = Vec::size();
   for (int64_t d0 = 0; d0 < dim; d0 += kChunk * W) {
@@ -201,6 +209,7 @@ inline void pv_block(const float* probs, int64_t c0, int64_t c1, const float* v,
     for (int r = 0; r < R; ++r)
       for (int k = 0; k < kChunk; ++k) a[r][k] = Vec::loadu(acc + r * dim + d0 + k * W, count[k]);
     for (int64_t c = c0; c < c1; ++c) {
+      if (d0 == 0) next.fetch(c);
       const float* v_row = v + c * ld + d0;
       Vec vv[kChunk];
       for (int k = 0; k < kChunk; ++k) vv[k] = Vec::loadu(v_row + k * W, count[k]);
@@ -257,14 +266,16 @@ void attend_chunk(const Params& p, const scalar_t* k_cache, const scalar_t* v_ca
     }
     for (int64_t hk = 0; any && hk < p.heads_kv; ++hk) {
       const int64_t base = hk * group_rows;  // the kv head's first row
-      if (next > 0) {  // the next tile's rows of this kv head, while this one computes
-        prefetch_rows(k_cache + p.row_offset(b, j1, p.k_s0, p.k_s1, p.k_s2, hk), next, p.k_s1, D);
-        prefetch_rows(v_cache + p.row_offset(b, j1, p.v_s0, p.v_s1, p.v_s2, hk), next, p.v_s1, D);
-      }
+      const NextRows next_k = next > 0 ? NextRows(k_cache + p.row_offset(b, j1, p.k_s0, p.k_s1, p.k_s2, hk), next,
+                                                  p.k_s1, D)
+                                       : NextRows();
+      const NextRows next_v = next > 0 ? NextRows(v_cache + p.row_offset(b, j1, p.v_s0, p.v_s1, p.v_s2, hk), next,
+                                                  p.v_s1, D)
+                                       : NextRows();
       int64_t ldk, ldv;
       const float* k = rows_fp32(k_cache + p.row_offset(b, j0, p.k_s0, p.k_s1, p.k_s2, hk), n, p.k_s1, D,
                                  st.k_buf.data(), ldk);
-      transpose_tile(k, ldk, n, D, st.kt.data());
+      transpose_tile(k, ldk, n, D, st.kt.data(), next_k);
       for_row_blocks(group_rows, [&](int64_t r, auto block) {
         scores_block<decltype(block)::value>(st.q.data() + (base + r) * D, D, st.kt.data(), n,
                                              st.scores.data() + r * kTile);
@@ -313,7 +324,12 @@ void attend_chunk(const Params& p, const scalar_t* k_cache, const scalar_t* v_ca
           c0 = std::min(c0, st.c0[row / G]);
           c1 = std::max(c1, st.c1[row / G]);
         }
-        if (c0 < c1) pv_block<R>(st.scores.data() + r * kTile, c0, c1, v, ldv, st.acc.data() + (base + r) * D, D);
+        // The first block fetches the next tile's V rows as it goes, and any it does not visit.
+        const NextRows& fetch = r == 0 ? next_v : NextRows();
+        if (c0 < c1)
+          pv_block<R>(st.scores.data() + r * kTile, c0, c1, v, ldv, st.acc.data() + (base + r) * D, D, fetch);
+        for (int64_t f = 0; f < kTile; ++f)
+          if (f < c0 || f >= c1) fetch.fetch(f);
       });
     }
     j0 = j1;
