@@ -29,7 +29,7 @@ from attention_extras_cases import (
     make_varlen,
 )
 from helpers import ATOL, max_error
-from test_attention_kvcache import BAD_CONTIGUOUS, BAD_PAGED, _base_args
+from test_attention_kvcache import _base_args, check_rejected_before_the_kernel
 
 
 def _cpu_dtype(case):
@@ -142,16 +142,7 @@ def test_kvcache_unused_block_table_entries_are_not_read():
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_kvcache_rejects_bad_arguments_before_the_kernel(monkeypatch, paged):
-    def kernel_ran(*args, **kwargs):
-        raise AssertionError("validation must reject the call before any kernel runs")
-
-    monkeypatch.setattr(cpu_attention, "kvcache_forward", kernel_ran)
-    for overrides, error, match in BAD_PAGED if paged else BAD_CONTIGUOUS:
-        args = {**_base_args(paged), **overrides}
-        caches = [t.clone() for t in (args["k_cache"], args["v_cache"])]
-        with pytest.raises(error, match=match):
-            fastattn.flash_attention_with_kvcache(**args, backend="cpu")
-        assert torch.equal(args["k_cache"], caches[0]) and torch.equal(args["v_cache"], caches[1]), overrides
+    check_rejected_before_the_kernel(monkeypatch, cpu_attention, "cpu", paged)
 
 
 def _op_args(paged: bool) -> list:

@@ -28,15 +28,14 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
+
+#include "cpu/attention_common.h"
 
 namespace fastattn_cpu_kvcache {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kUnbounded = -1;
+using namespace fastattn_cpu_common;
 // Keys per tile: the (G * Lq) x kTile scores, the transposed K tile (D x kTile) and the fp32
 // copies of half-precision K / V tiles stay in L1 / L2. A multiple of the vector width.
 constexpr int64_t kTile = 64;
@@ -60,8 +59,7 @@ struct Params {
   const int32_t* block_table = nullptr; // (B, max_blocks) contiguous
   int64_t max_blocks = 0;
   const int32_t* batch_idx = nullptr;   // (B,) or null
-  const float* alibi = nullptr;
-  int64_t alibi_sb = 0, alibi_sh = 0;
+  AlibiSlopes alibi;
 
   int64_t position(int64_t b, int64_t i) const { return seqlens[b] - lq + i; }
   int64_t lo(int64_t b, int64_t i) const {
@@ -85,63 +83,6 @@ struct Params {
     return block_size == 0 ? end : std::min(end, (j / block_size + 1) * block_size);
   }
 };
-
-inline void scale_row(float* x, int64_t n, float factor) {
-  const Vec f(factor);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(x + c) * f).store(x + c);
-  for (; c < n; ++c) x[c] *= factor;
-}
-
-// x[c] = exp(x[c] - sub); returns the sum (exp(-inf) = 0).
-inline float exp_sum(float* x, int64_t n, float sub) {
-  const Vec vs(sub);
-  Vec acc(0.f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec e = (Vec::loadu(x + c) - vs).exp_u20();
-    e.store(x + c);
-    acc = acc + e;
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-  for (; c < n; ++c) {
-    x[c] = std::exp(x[c] - sub);
-    sum += x[c];
-  }
-  return sum;
-}
-
-// One cache row (dim values) as fp32 into dst.
-template <typename scalar_t>
-inline void row_to_fp32(const scalar_t* src, float* dst, int64_t dim) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    std::copy(src, src + dim, dst);
-  } else {
-    using VecS = at::vec::Vectorized<scalar_t>;
-    int64_t d = 0;
-    for (; d + VecS::size() <= dim; d += VecS::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VecS::loadu(src + d));
-      lo.store(dst + d);
-      hi.store(dst + d + Vec::size());
-    }
-    for (; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
-  }
-}
-
-// rows x dim rows of the cache from src (row stride ld) as fp32: in place for fp32, else
-// converted into buf. Returns the pointer; ld_out its row stride.
-template <typename scalar_t>
-inline const float* rows_fp32(const scalar_t* src, int64_t rows, int64_t ld, int64_t dim, float* buf,
-                              int64_t& ld_out) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    ld_out = ld;
-    return src;
-  } else {
-    for (int64_t r = 0; r < rows; ++r) row_to_fp32(src + r * ld, buf + r * dim, dim);
-    ld_out = dim;
-    return buf;
-  }
-}
 
 // Rows of the next tile of one kv head, prefetched one row per row of the current tile as it
 // is consumed (K rows while K is transposed, V rows during P.V): the next tile's DRAM traffic
@@ -300,8 +241,8 @@ void attend_chunk(const Params& p, const scalar_t* k_cache, const scalar_t* v_ca
               (Vec::loadu(s + c, count).tanh() * cap).store(s + c, count);
             }
           }
-          if (p.alibi != nullptr) {
-            const float slope = p.alibi[b * p.alibi_sb + (hk * G + g) * p.alibi_sh];
+          if (p.alibi.ptr != nullptr) {
+            const float slope = p.alibi.ptr[b * p.alibi.sb + (hk * G + g) * p.alibi.sh];
             const float pos = static_cast<float>(p.position(b, i) - j0);
             for (int64_t c = c0; c < c1; ++c) s[c] -= slope * std::abs(pos - static_cast<float>(c));
           }
@@ -309,9 +250,9 @@ void attend_chunk(const Params& p, const scalar_t* k_cache, const scalar_t* v_ca
           for (int64_t c = c0; c < c1; ++c) tile_max = std::max(tile_max, s[c]);
           const float new_max = std::max(st.row_max[r], tile_max);
           const float alpha = st.row_max[r] == kNegInf ? 0.f : std::exp(st.row_max[r] - new_max);
-          st.row_sum[r] = st.row_sum[r] * alpha + exp_sum(s, n, new_max);
+          st.row_sum[r] = st.row_sum[r] * alpha + vec_exp_sum(s, n, new_max);
           st.row_max[r] = new_max;
-          if (alpha != 1.f) scale_row(st.acc.data() + r * D, D, alpha);
+          if (alpha != 1.f) vec_scale(st.acc.data() + r * D, D, alpha);
         }
       }
       const float* v = rows_fp32(v_cache + p.row_offset(b, j0, p.v_s0, p.v_s1, p.v_s2, hk), n, p.v_s1, D,
@@ -394,7 +335,7 @@ void kvcache_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k_ca
             const scalar_t* src = q_ptr + b * p.q_sb + i * p.q_sl + (hk * G + g) * p.q_sh;
             float* dst = st.q.data() + ((hk * Lq + i) * G + g) * D;
             row_to_fp32(src, dst, D);
-            scale_row(dst, D, p.q_scale);
+            vec_scale(dst, D, p.q_scale);
           }
       attend_chunk<scalar_t>(p, k_ptr, v_ptr, b, j_begin, j_end, st);
       for (int64_t hk = 0; hk < p.heads_kv; ++hk)
@@ -540,20 +481,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q_in, const at:
                   b, "] = ", p.batch_idx[b], " is outside [0, ", p.cache_rows, ")");
     }
   }
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& slopes = *alibi_slopes;
-    TORCH_CHECK(slopes.scalar_type() == at::kFloat, "fastattn cpu kvcache: alibi_slopes must be float32");
-    if (slopes.dim() == 1) {
-      TORCH_CHECK(slopes.size(0) == p.heads, "fastattn cpu kvcache: alibi_slopes must be (H,) or (B, H)");
-      p.alibi_sh = slopes.stride(0);
-    } else {
-      TORCH_CHECK(slopes.dim() == 2 && slopes.size(0) == p.batch && slopes.size(1) == p.heads,
-                  "fastattn cpu kvcache: alibi_slopes must be (H,) or (B, H)");
-      p.alibi_sb = slopes.stride(0);
-      p.alibi_sh = slopes.stride(1);
-    }
-    p.alibi = slopes.const_data_ptr<float>();
-  }
+  p.alibi = alibi_slopes_of(alibi_slopes, p.batch, p.heads, "fastattn cpu kvcache");
   TORCH_CHECK(chunk_size >= 0, "fastattn cpu kvcache: chunk_size must be >= 0 (0: automatic)");
 
   at::Tensor out = at::empty({p.batch, p.lq, p.heads, p.dim}, q.options());

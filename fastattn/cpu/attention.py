@@ -13,6 +13,9 @@ Masks (causal in both alignments, sliding window, key_padding_mask, bool / float
 read through their strides, ALiBi, softcap) are applied per tile; key tiles a query block
 cannot see are never visited. Rows that see no key: output 0, lse -inf, zero gradients.
 
+Variable-length batches: :mod:`fastattn.cpu.attention_varlen` (the dense kernels per sequence,
+on views). KV-cache decoding: :mod:`fastattn.cpu.attention_kvcache` (split-KV kernel).
+
 Dropout: the Triton backend's keep mask bit for bit (Philox4x32-10, one call per 2 x 2 group
 of scores; see csrc/cpu/attention_philox.h and fastattn/triton/attention.py), regenerated in
 the backward, never stored. :func:`dropout_mask` materializes it for tests.
