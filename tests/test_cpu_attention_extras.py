@@ -37,6 +37,10 @@ def _cpu_dtype(case):
     return dataclasses.replace(case, dtype=torch.float32) if case.dtype == torch.float64 else case
 
 
+def _case_id(case) -> str:
+    return str(_cpu_dtype(case))
+
+
 @pytest.fixture
 def chunked(monkeypatch):
     """Route the cpu backend's decoding through the kernel with a forced split-KV chunk size."""
@@ -51,17 +55,17 @@ def chunked(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # Variable-length batches
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=str)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_case_id)
 def test_varlen_matches_explicit_formula(case):
     check_varlen(_cpu_dtype(case), "cpu", "cpu")
 
 
-@pytest.mark.parametrize("case", [VARLEN_CASES[i] for i in (1, 5, 8)], ids=str)
+@pytest.mark.parametrize("case", [VARLEN_CASES[i] for i in (1, 5, 8)], ids=_case_id)
 def test_varlen_equals_per_sequence_calls(case):
     check_varlen_matches_per_sequence(_cpu_dtype(case), "cpu", "cpu")
 
 
-@pytest.mark.parametrize("case", VARLEN_DROPOUT_CASES, ids=str)
+@pytest.mark.parametrize("case", VARLEN_DROPOUT_CASES, ids=_case_id)
 def test_varlen_dropout_self_consistent(case):
     check_varlen_dropout(_cpu_dtype(case), "cpu", "cpu")
 
@@ -78,13 +82,13 @@ def test_varlen_is_served_by_the_cpu_backend_by_default():
 # 0: automatic (one chunk per sequence under the tests' single thread); 37: odd chunks that
 # cross tile and block boundaries, so every multi-chunk sequence goes through the combine.
 @pytest.mark.parametrize("chunk_size", [0, 37], ids=["auto", "chunk37"])
-@pytest.mark.parametrize("case", KVCACHE_CASES, ids=str)
+@pytest.mark.parametrize("case", KVCACHE_CASES, ids=_case_id)
 def test_kvcache_matches_explicit_formula(case, chunk_size, chunked):
     chunked(chunk_size)
     check_kvcache(_cpu_dtype(case), "cpu", "cpu")
 
 
-@pytest.mark.parametrize("case", [KVCACHE_CASES[i] for i in (1, 3, 4, 8)], ids=str)
+@pytest.mark.parametrize("case", [KVCACHE_CASES[i] for i in (1, 3, 4, 8)], ids=_case_id)
 def test_kvcache_equals_flash_attention_on_the_valid_prefix(case, chunked):
     chunked(16)
     check_kvcache_matches_flash_attention(_cpu_dtype(case), "cpu", "cpu")
