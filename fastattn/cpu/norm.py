@@ -1,0 +1,138 @@
+"""CPU residual + LayerNorm / RMSNorm: backend primitives over ``torch.ops.fastattn.cpu_norm_fwd``
+and ``cpu_norm_bwd`` (csrc/cpu/norm.cpp), plus their fake tensors.
+
+Kernels: one task per block of rows (``at::parallel_for``, threads from
+``torch.get_num_threads()``); each row is read once per direction and its passes (sum, centred
+sum of squares, output) run vectorized (``at::vec::Vectorized<float>``) on an fp32 copy held in
+cache. fp32 statistics, taken on h as stored (rounded to its dtype). dweight / dbias: per-block
+fp32 partial rows summed in block order, the blocks fixed by the row count, so the gradients are
+bitwise reproducible with any thread count. Dropout: the Triton backend's mask
+(:func:`dropout_mask`, fastattn/cpu/dropout_masks.py), regenerated in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastattn.backends.capabilities import GPU_DTYPES, NormCapabilities
+from fastattn.cpu import ensure_loaded
+from fastattn.cpu.dropout_masks import norm_keep_mask
+from fastattn.options import (
+    NormForwardResult,
+    NormGrads,
+    NormInputs,
+    NormOptions,
+    RngState,
+    residual_out_dtype,
+)
+
+CAPABILITIES = NormCapabilities(dtypes=GPU_DTYPES)
+
+
+def not_supported_reasons(inputs: NormInputs, options: NormOptions) -> list[str]:
+    """The kernels read and write fp16 / bf16 / fp32 only, for every tensor."""
+    reasons = []
+    for name, t in (("residual", inputs.residual), ("weight", inputs.weight), ("bias", inputs.bias)):
+        if t is not None and t.dtype not in GPU_DTYPES:
+            reasons.append(f"{name} dtype {str(t.dtype).replace('torch.', '')} is not supported "
+                           "(float16, bfloat16, float32)")
+    return reasons
+
+
+def _dropout_args(options: NormOptions, rng: Optional[RngState]) -> tuple[float, int, int]:
+    if options.dropout_p == 0.0:
+        return 0.0, 0, 0
+    if rng is None:
+        raise ValueError("dropout_p > 0 needs an RngState (drawn by the autograd layer)")
+    return options.dropout_p, rng.seed, rng.offset
+
+
+def dropout_mask(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]) -> Optional[torch.Tensor]:
+    """bool (M, N) keep mask the kernels apply to x (None without dropout)."""
+    if options.dropout_p == 0.0:
+        return None
+    p, seed, offset = _dropout_args(options, rng)
+    m, n = inputs.x.shape
+    return norm_keep_mask(seed, offset, m, n, p, device=inputs.device)
+
+
+def forward(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]) -> NormForwardResult:
+    ensure_loaded()
+    p, seed, offset = _dropout_args(options, rng)
+    h_dtype = residual_out_dtype(inputs, options)
+    # h is x itself (nothing stored) only without residual, dropout or dtype change.
+    store_h = inputs.residual is not None or p > 0 or h_dtype != inputs.x.dtype
+    y, h, mean, rstd = torch.ops.fastattn.cpu_norm_fwd(
+        inputs.x, inputs.residual, inputs.weight, inputs.bias, options.eps, p, seed, offset,
+        options.kind == "rms", store_h, h_dtype,
+    )
+    return NormForwardResult(
+        y=y,
+        h=h if store_h else inputs.x,
+        mean=None if options.kind == "rms" else mean,
+        rstd=rstd,
+    )
+
+
+def backward(
+    dy: torch.Tensor,
+    dh: Optional[torch.Tensor],
+    h: torch.Tensor,
+    mean: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    inputs: NormInputs,
+    options: NormOptions,
+    rng: Optional[RngState],
+) -> NormGrads:
+    """``inputs`` supplies only shapes and dtypes of x / residual and the weight / bias."""
+    ensure_loaded()
+    p, seed, offset = _dropout_args(options, rng)
+    residual_dtype = None if inputs.residual is None else inputs.residual.dtype
+    dx, dresidual, dweight, dbias = torch.ops.fastattn.cpu_norm_bwd(
+        dy, dh, h, mean, rstd, inputs.weight, inputs.bias, p, seed, offset, options.kind == "rms", residual_dtype,
+    )
+    return NormGrads(
+        dx=dx,
+        dresidual=None if inputs.residual is None else dresidual,
+        dweight=None if inputs.weight is None else dweight,
+        dbias=None if inputs.bias is None else dbias,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fake tensors of the ops (torch.compile, opcheck); optional outputs are (0,) tensors
+# --------------------------------------------------------------------------------------------
+def _cpu_norm_fwd_fake(x, residual, weight, bias, eps, dropout_p, seed, offset, is_rms, store_h, h_dtype):
+    m, n = x.shape
+    return (
+        x.new_empty((m, n)),
+        x.new_empty((m, n) if store_h else (0,), dtype=h_dtype),
+        x.new_empty((0,) if is_rms else (m,), dtype=torch.float32),
+        x.new_empty((m,), dtype=torch.float32),
+    )
+
+
+def _cpu_norm_bwd_fake(dy, dh, h, mean, rstd, weight, bias, dropout_p, seed, offset, is_rms, residual_dtype):
+    m, n = h.shape
+    return (
+        dy.new_empty((m, n)),
+        dy.new_empty((m, n), dtype=residual_dtype) if residual_dtype is not None else dy.new_empty((0,)),
+        weight.new_empty((n,)) if weight is not None else dy.new_empty((0,)),
+        bias.new_empty((n,)) if bias is not None else dy.new_empty((0,)),
+    )
+
+
+_registered = False
+
+
+def register_python_ops() -> None:
+    """Fake implementations of cpu_norm_fwd / cpu_norm_bwd, once, after the CPU library defining
+    the schemas is loaded (called by fastattn._build.load_cpu_extension)."""
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("fastattn::cpu_norm_fwd")(_cpu_norm_fwd_fake)
+    torch.library.register_fake("fastattn::cpu_norm_bwd")(_cpu_norm_bwd_fake)
+    _registered = True
