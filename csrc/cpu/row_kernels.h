@@ -243,7 +243,7 @@ struct RowBlocks {
   int64_t rows_per_block = 1;
   int64_t count = 0;
 
-  explicit RowBlocks(int64_t rows_, int64_t max_blocks = 128, int64_t min_rows_per_block = 8) : rows(rows_) {
+  explicit RowBlocks(int64_t rows_, int64_t max_blocks = 64, int64_t min_rows_per_block = 8) : rows(rows_) {
     rows_per_block = std::max<int64_t>(min_rows_per_block, (rows + max_blocks - 1) / std::max<int64_t>(max_blocks, 1));
     count = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
   }

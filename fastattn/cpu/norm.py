@@ -86,16 +86,25 @@ def backward(
     options: NormOptions,
     rng: Optional[RngState],
 ) -> NormGrads:
-    """``inputs`` supplies only shapes and dtypes of x / residual and the weight / bias."""
+    """``inputs`` supplies only shapes and dtypes of x / residual and the weight / bias.
+
+    Without dropout, when the residual has x's dtype, dresidual and dx have the same values and
+    are returned as one tensor (as torch's own ``x + residual`` backward does): one (M, N)
+    buffer fewer to allocate and write."""
     ensure_loaded()
     p, seed, offset = _dropout_args(options, rng)
-    residual_dtype = None if inputs.residual is None else inputs.residual.dtype
+    shared = inputs.residual is not None and p == 0.0 and inputs.residual.dtype == inputs.x.dtype
+    residual_dtype = None if inputs.residual is None or shared else inputs.residual.dtype
     dx, dresidual, dweight, dbias = torch.ops.fastattn.cpu_norm_bwd(
         dy, dh, h, mean, rstd, inputs.weight, inputs.bias, p, seed, offset, options.kind == "rms", residual_dtype,
     )
+    if inputs.residual is None:
+        dresidual = None
+    elif shared:
+        dresidual = dx
     return NormGrads(
         dx=dx,
-        dresidual=None if inputs.residual is None else dresidual,
+        dresidual=dresidual,
         dweight=None if inputs.weight is None else dweight,
         dbias=None if inputs.bias is None else dbias,
     )
