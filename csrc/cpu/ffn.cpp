@@ -87,7 +87,7 @@ template <typename T, Act A>
 void forward_epilogue(const EpilogueArgs& e, T* z, int64_t ldz, T* a, int64_t lda, bool write_z) {
   const int64_t f = e.f;
   const RowBlocks blocks(e.rows);
-  at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks.count, blocks.grain(e.f), [&](int64_t b0, int64_t b1) {
     std::vector<float> keep(e.rng.enabled ? f : 0);
     for (int64_t i = blocks.begin(b0); i < blocks.end(b1 - 1); ++i) {
       if (e.rng.enabled) ffn_dropout_row(e.rng, i, f, keep.data());
@@ -128,7 +128,7 @@ void backward_epilogue(const EpilogueArgs& e, const T* z, int64_t ldz, const T* 
                        int64_t lda_d, const T* dy, int64_t d_out, float* db1_partial, float* db2_partial) {
   const int64_t f = e.f, d_hidden = A == Act::kSwiglu ? 2 * f : f;
   const RowBlocks blocks(e.rows);
-  at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks.count, blocks.grain(e.f), [&](int64_t b0, int64_t b1) {
     std::vector<float> keep(e.rng.enabled ? f : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* db1 = db1_partial ? db1_partial + blk * d_hidden : nullptr;

@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_fwd(
   a.rng = DropoutRng(dropout_p, seed, offset);
 
   const RowBlocks blocks(rows);
-  at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
     Scratch s(5, n);
     for (int64_t blk = b0; blk < b1; ++blk)
       for (int64_t i = blocks.begin(blk); i < blocks.end(blk); ++i) forward_row(a, i, s);
@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_bwd(
   a.n = n;
   a.rng = DropoutRng(dropout_p, seed, offset);
 
-  at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
     Scratch s(6, n);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* dw_part = dw_partial.empty() ? nullptr : dw_partial.data() + blk * n;

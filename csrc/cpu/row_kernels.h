@@ -248,6 +248,13 @@ struct RowBlocks {
     count = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
   }
   int64_t begin(int64_t block) const { return block * rows_per_block; }
+  // parallel_for grain (in blocks) so that a task has at least at::internal::GRAIN_SIZE
+  // elements of `cols`-wide rows: small calls run on the calling thread, without a parallel
+  // region to wake (and wait for) other threads.
+  int64_t grain(int64_t cols) const {
+    const int64_t per_block = std::max<int64_t>(1, rows_per_block * cols);
+    return std::max<int64_t>(1, (at::internal::GRAIN_SIZE + per_block - 1) / per_block);
+  }
   int64_t end(int64_t block) const { return std::min(rows, (block + 1) * rows_per_block); }
 };
 
@@ -261,7 +268,8 @@ inline void reduce_partials(const std::vector<float>& partials, int64_t blocks, 
   constexpr int64_t kChunk = 1024;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "reduce_partials", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, (cols + kChunk - 1) / kChunk, 1, [&](int64_t chunk0, int64_t chunk1) {
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, blocks * kChunk));
+    at::parallel_for(0, (cols + kChunk - 1) / kChunk, grain, [&](int64_t chunk0, int64_t chunk1) {
       float acc[kChunk];
       for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {
         const int64_t c0 = chunk * kChunk, len = std::min(kChunk, cols - c0);
