@@ -54,13 +54,22 @@ inline void activation(const Vec& z, Vec& out, Vec& grad) {
     out = at::vec::maximum(z, zero);
     if constexpr (kGrad) grad = Vec(1.f) & (z > zero);
   } else if constexpr (A == Act::kGelu) {
-    const Vec half(0.5f);
-    const Vec cdf = half * (Vec(1.f) + (z * Vec(static_cast<float>(M_SQRT1_2))).erf());
+    // cdf = (1 + erf(u)) / 2, u = z / sqrt(2), erf by Abramowitz & Stegun 7.1.26 (|error| <=
+    // 1.5e-7, ATen's Vectorized<float>::erf): 1 - erf(|u|) = r(t) t exp(-u^2), t = 1 / (1 +
+    // p|u|). exp(-u^2) = exp(-z^2 / 2) also gives the pdf: one exp per element for act and act'.
+    // cdf is formed from q = (1 - erf(|u|)) / 2 directly, without cancellation for z << 0.
+    const Vec one(1.f), half(0.5f);
+    const Vec u = z * Vec(static_cast<float>(M_SQRT1_2));
+    const Vec t = one / at::vec::fmadd(Vec(0.3275911f), u.abs(), one);
+    Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+    r = at::vec::fmadd(r, t, Vec(1.421413741f));
+    r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+    r = at::vec::fmadd(r, t, Vec(0.254829592f));
+    const Vec e = (u * u).neg().exp();
+    const Vec q = half * r * t * e;
+    const Vec cdf = Vec::blendv(one - q, q, u < Vec(0.f));
     out = z * cdf;
-    if constexpr (kGrad) {
-      const Vec pdf = (half.neg() * z * z).exp() * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
-      grad = cdf + z * pdf;
-    }
+    if constexpr (kGrad) grad = at::vec::fmadd(z * e, Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2)), cdf);
   } else if constexpr (A == Act::kGeluTanh) {
     const Vec k(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5)), c(0.044715f), half(0.5f), one(1.f);
     const Vec z2 = z * z;
