@@ -21,6 +21,7 @@ fastattn/cpu/dropout_masks.py), regenerated in backward, never stored.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -28,17 +29,11 @@ import torch
 from fastattn.backends.capabilities import GPU_DTYPES, FeedForwardCapabilities
 from fastattn.cpu import ensure_loaded
 from fastattn.cpu.dropout_masks import ffn_keep_mask
+# The cpu ops take the CUDA ops' schemas (csrc/ops.cpp): same argument plumbing and fake tensors.
+from fastattn.cuda.ffn import _ffn_bwd_fake, _ffn_fwd_fake, _rng_args
 from fastattn.options import FeedForwardGrads, FeedForwardInputs, FeedForwardOptions, RngState
 
 CAPABILITIES = FeedForwardCapabilities(dtypes=GPU_DTYPES)
-
-
-def _rng_args(options: FeedForwardOptions, rng: Optional[RngState]) -> tuple[int, int]:
-    if options.dropout_p == 0.0:
-        return 0, 0
-    if rng is None:
-        raise ValueError("dropout_p > 0 needs an RngState (drawn by the autograd layer)")
-    return rng.seed, rng.offset
 
 
 def dropout_mask(inputs: FeedForwardInputs, options: FeedForwardOptions, rng: Optional[RngState]) -> Optional[torch.Tensor]:
@@ -82,29 +77,9 @@ def backward(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Fake tensors of the ops (torch.compile, opcheck); optional outputs are (0,) tensors
-# --------------------------------------------------------------------------------------------
-def _cpu_ffn_fwd_fake(x, w1, b1, w2, b2, activation, dropout_p, seed, offset, save_z):
-    z = x.new_empty((x.shape[0], w1.shape[0])) if save_z else x.new_empty((0,))
-    return x.new_empty((x.shape[0], w2.shape[0])), z
-
-
-def _cpu_ffn_bwd_fake(dy, z, x, w1, b1, w2, b2, activation, dropout_p, seed, offset):
-    db1 = x.new_empty((w1.shape[0],)) if b1 is not None else x.new_empty((0,))
-    db2 = x.new_empty((w2.shape[0],)) if b2 is not None else x.new_empty((0,))
-    return x.new_empty(x.shape), w1.new_empty(w1.shape), db1, w2.new_empty(w2.shape), db2
-
-
-_registered = False
-
-
+@functools.lru_cache(maxsize=None)
 def register_python_ops() -> None:
     """Fake implementations of cpu_ffn_fwd / cpu_ffn_bwd, once, after the CPU library defining
     the schemas is loaded (called by fastattn._build.load_cpu_extension)."""
-    global _registered
-    if _registered:
-        return
-    torch.library.register_fake("fastattn::cpu_ffn_fwd")(_cpu_ffn_fwd_fake)
-    torch.library.register_fake("fastattn::cpu_ffn_bwd")(_cpu_ffn_bwd_fake)
-    _registered = True
+    torch.library.register_fake("fastattn::cpu_ffn_fwd")(_ffn_fwd_fake)
+    torch.library.register_fake("fastattn::cpu_ffn_bwd")(_ffn_bwd_fake)

@@ -12,6 +12,7 @@ bitwise reproducible with any thread count. Dropout: the Triton backend's mask
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -19,6 +20,9 @@ import torch
 from fastattn.backends.capabilities import GPU_DTYPES, NormCapabilities
 from fastattn.cpu import ensure_loaded
 from fastattn.cpu.dropout_masks import norm_keep_mask
+# The cpu ops take the CUDA ops' schemas (csrc/ops.cpp) and dtypes: same argument plumbing,
+# same fake tensors, same per-tensor dtype reasons.
+from fastattn.cuda.norm import _dropout_args, _norm_bwd_fake, _norm_fwd_fake, not_supported_reasons  # noqa: F401
 from fastattn.options import (
     NormForwardResult,
     NormGrads,
@@ -29,24 +33,6 @@ from fastattn.options import (
 )
 
 CAPABILITIES = NormCapabilities(dtypes=GPU_DTYPES)
-
-
-def not_supported_reasons(inputs: NormInputs, options: NormOptions) -> list[str]:
-    """The kernels read and write fp16 / bf16 / fp32 only, for every tensor."""
-    reasons = []
-    for name, t in (("residual", inputs.residual), ("weight", inputs.weight), ("bias", inputs.bias)):
-        if t is not None and t.dtype not in GPU_DTYPES:
-            reasons.append(f"{name} dtype {str(t.dtype).replace('torch.', '')} is not supported "
-                           "(float16, bfloat16, float32)")
-    return reasons
-
-
-def _dropout_args(options: NormOptions, rng: Optional[RngState]) -> tuple[float, int, int]:
-    if options.dropout_p == 0.0:
-        return 0.0, 0, 0
-    if rng is None:
-        raise ValueError("dropout_p > 0 needs an RngState (drawn by the autograd layer)")
-    return options.dropout_p, rng.seed, rng.offset
 
 
 def dropout_mask(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]) -> Optional[torch.Tensor]:
@@ -110,38 +96,9 @@ def backward(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Fake tensors of the ops (torch.compile, opcheck); optional outputs are (0,) tensors
-# --------------------------------------------------------------------------------------------
-def _cpu_norm_fwd_fake(x, residual, weight, bias, eps, dropout_p, seed, offset, is_rms, store_h, h_dtype):
-    m, n = x.shape
-    return (
-        x.new_empty((m, n)),
-        x.new_empty((m, n) if store_h else (0,), dtype=h_dtype),
-        x.new_empty((0,) if is_rms else (m,), dtype=torch.float32),
-        x.new_empty((m,), dtype=torch.float32),
-    )
-
-
-def _cpu_norm_bwd_fake(dy, dh, h, mean, rstd, weight, bias, dropout_p, seed, offset, is_rms, residual_dtype):
-    m, n = h.shape
-    return (
-        dy.new_empty((m, n)),
-        dy.new_empty((m, n), dtype=residual_dtype) if residual_dtype is not None else dy.new_empty((0,)),
-        weight.new_empty((n,)) if weight is not None else dy.new_empty((0,)),
-        bias.new_empty((n,)) if bias is not None else dy.new_empty((0,)),
-    )
-
-
-_registered = False
-
-
+@functools.lru_cache(maxsize=None)
 def register_python_ops() -> None:
     """Fake implementations of cpu_norm_fwd / cpu_norm_bwd, once, after the CPU library defining
     the schemas is loaded (called by fastattn._build.load_cpu_extension)."""
-    global _registered
-    if _registered:
-        return
-    torch.library.register_fake("fastattn::cpu_norm_fwd")(_cpu_norm_fwd_fake)
-    torch.library.register_fake("fastattn::cpu_norm_bwd")(_cpu_norm_bwd_fake)
-    _registered = True
+    torch.library.register_fake("fastattn::cpu_norm_fwd")(_norm_fwd_fake)
+    torch.library.register_fake("fastattn::cpu_norm_bwd")(_norm_bwd_fake)
