@@ -232,7 +232,7 @@ def test_command_writes_every_output(tmp_path, capsys):
     rows = data["rows"]
     ops = {r["op"] for r in rows}
     assert ops == {"attention", "norm"}
-    assert {r["provider"] for r in rows} == {"naive", "fastattn-reference"}
+    assert {r["provider"] for r in rows} == {"naive", "fastattn-cpu", "fastattn-reference"}
     assert all(r["status"] == OK and r["median_ms"] > 0 and r["device"] == data["environment"]["device"] for r in rows)
     assert all(r["peak_mem_mib"] is not None for r in rows)
     fastattn_rows = [r for r in rows if r["family"] == FASTATTN]
