@@ -13,6 +13,10 @@
 // Casting points: GEMMs accumulate in fp32 (oneDNN for bf16/fp16) and round to x's dtype; the
 // bias, activation, dropout and act' run in fp32 and round once when stored.
 // Dropout bits: the Triton backend's (row_kernels.h ffn_dropout_row), regenerated in backward.
+// Tried and slower on the 2-core development machine (fwd+bwd M2048 d512 F2048 gelu fp32):
+// the GEMMs in row chunks with chunk-sized intermediates (4x the GEMM calls, weight gradients
+// accumulated over chunks), and one buffer for a_d then da (one allocation less, one more
+// activation pass).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
