@@ -172,8 +172,6 @@ struct BwdArgs {
   const float* weight = nullptr;
   int64_t n = 0;
   DropoutRng rng;
-  float* dweight_partial = nullptr;  // (blocks, n) or null
-  float* dbias_partial = nullptr;
 };
 
 void backward_row(const BwdArgs& a, int64_t i, Scratch& s, float* dw_part, float* db_part) {
