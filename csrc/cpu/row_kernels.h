@@ -162,7 +162,7 @@ inline void philox4x32_10_batch(uint32_t (&c)[4][kPhiloxLanes], uint32_t k0, uin
 
 // tl.uint_to_uniform_float of a 32-bit word: non-negative int32 (negatives mirrored by ~x)
 // times 2^-31 (4.6566127342e-10 in fp32), in [0, 1).
-inline float uint_to_uniform(uint32_t bits) {
+inline float philox_uniform(uint32_t bits) {
   int32_t x = static_cast<int32_t>(bits);
   x = x < 0 ? ~x : x;
   return static_cast<float>(x) * 4.6566127342e-10f;
@@ -202,7 +202,7 @@ inline void norm_dropout_row(const DropoutRng& rng, int64_t row, int64_t n, floa
     }
     philox4x32_10_batch(c, k0, k1);
     const int64_t count = std::min<int64_t>(kPhiloxLanes, n - j0);
-    for (int64_t l = 0; l < count; ++l) z[j0 + l] = uint_to_uniform(c[0][l]) >= rng.p ? rng.scale : 0.f;
+    for (int64_t l = 0; l < count; ++l) z[j0 + l] = philox_uniform(c[0][l]) >= rng.p ? rng.scale : 0.f;
   }
 }
 
@@ -227,7 +227,7 @@ inline void ffn_dropout_row(const DropoutRng& rng, int64_t row, int64_t f, float
     for (int64_t l = 0; l < count; ++l) {
       for (int w = 0; w < 4; ++w) {
         const int64_t col = 4 * (g0 + l) + w;
-        if (col < f) z[col] = uint_to_uniform(c[w][l]) >= rng.p ? rng.scale : 0.f;
+        if (col < f) z[col] = philox_uniform(c[w][l]) >= rng.p ? rng.scale : 0.f;
       }
     }
   }
