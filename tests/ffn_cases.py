@@ -1,5 +1,6 @@
-"""FFN cases shared by the Triton and CUDA suites: input builders and the plain-PyTorch
-baseline whose error sets each kernel's tolerance (tests/helpers.py)."""
+"""FFN cases shared by the Triton, CUDA and CPU suites: input builders, the plain-PyTorch
+baseline whose error sets each kernel's tolerance (tests/helpers.py) and the check of a
+backend's primitives."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from fastattn.bench.ffn import torch_activation
-from fastattn.options import FeedForwardInputs
+from fastattn.options import FeedForwardInputs, FeedForwardOptions, RngState
+from fastattn.reference import ffn as reference
+from helpers import assert_close_to_reference
 
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swiglu"]
 GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
@@ -46,3 +49,35 @@ def baseline(inputs: FeedForwardInputs, activation: str, dropout_p: float, keep:
     y.backward(dy)
     grads = {name: None if leaf is None else leaf.grad for name, leaf in zip(GRAD_NAMES, leaves)}
     return y.detach(), z.detach(), grads
+
+
+def run_and_check(backend, inputs: FeedForwardInputs, options: FeedForwardOptions, rng: Optional[RngState]):
+    """``backend``'s forward + backward (an op module with forward, backward and dropout_mask)
+    against the float64 reference with the baseline's tolerance; returns its y, z, grads."""
+    y, z = backend.forward(inputs, options, rng)
+    assert y.dtype == inputs.dtype and y.shape == (inputs.rows, inputs.w2.shape[0])
+    if options.recompute:
+        assert z is None
+    else:
+        assert z is not None and z.dtype == inputs.dtype and z.shape == (inputs.rows, inputs.w1.shape[0])
+    keep = backend.dropout_mask(inputs, options, rng)
+    assert (keep is None) == (options.dropout_p == 0.0)
+    dy = torch.randn_like(y)
+    grads = backend.backward(dy, z, inputs, options, rng)
+
+    in64 = inputs64(inputs)
+    y_ref, z_ref = reference.forward(in64, options, rng, dropout_mask=keep)
+    g_ref = reference.backward(dy.double(), None, in64, options, rng, dropout_mask=keep)
+    y_base, z_base, g_base = baseline(inputs, options.activation, options.dropout_p, keep, dy)
+
+    assert_close_to_reference(y, y_ref, y_base, "y")
+    if z is not None:
+        assert_close_to_reference(z, z_ref, z_base, "z")
+    for name in GRAD_NAMES:
+        actual, expected = getattr(grads, name), getattr(g_ref, name)
+        if g_base[name] is None:
+            assert actual is None, f"{name} should be None without a bias"
+            continue
+        assert actual.dtype == g_base[name].dtype, f"{name}: dtype {actual.dtype}"
+        assert_close_to_reference(actual, expected, g_base[name], name)
+    return y, z, grads

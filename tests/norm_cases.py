@@ -1,6 +1,6 @@
-"""Shared norm test helpers for tests/test_triton_norm.py and tests/test_cuda_norm.py: the
-input builder, the float64 cast and the plain-PyTorch baseline (the reference-error yardstick
-of tests/helpers.py)."""
+"""Shared norm test helpers for tests/test_triton_norm.py, tests/test_cuda_norm.py and
+tests/test_cpu_norm.py: the input builder, the float64 cast, the plain-PyTorch baseline (the
+reference-error yardstick of tests/helpers.py) and the check of a backend's primitives."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastattn.options import NormInputs, NormOptions, residual_out_dtype
+from fastattn.options import NormInputs, NormOptions, RngState, residual_out_dtype
+from fastattn.reference import norm as reference
+from helpers import assert_close_to_reference
 
 
 # Feature sets: (residual, weight, bias, dropout_p, prenorm, residual_in_fp32)
@@ -70,3 +72,52 @@ def baseline(inputs: NormInputs, options: NormOptions, keep: Optional[torch.Tens
     named = {name: None if t is None else next(grads) for name, t in (("dx", x), ("dresidual", res),
                                                                         ("dweight", w), ("dbias", b))}
     return y.detach(), h.detach(), named
+
+
+def check_backend(backend, inputs: NormInputs, options: NormOptions, rng: Optional[RngState], *, eps: float,
+                  assert_close=assert_close_to_reference):
+    """Forward and every gradient of ``backend`` (an op module with forward, backward and
+    dropout_mask) against the float64 reference, with the baseline's tolerance; eps is the
+    options' (checked on the statistics). Returns the backend's forward result and gradients."""
+    m, n = inputs.x.shape
+    out = backend.forward(inputs, options, rng)
+    keep = backend.dropout_mask(inputs, options, rng)
+    inputs64 = NormInputs(*(to64(t) for t in (inputs.x, inputs.residual, inputs.weight, inputs.bias)))
+    ref = reference.forward(inputs64, options, rng, dropout_mask=keep)
+
+    hdt = residual_out_dtype(inputs, options)
+    assert out.y.dtype == inputs.x.dtype and out.h.dtype == hdt
+    assert out.rstd.dtype == torch.float32 and out.rstd.shape == (m,)
+    dy = torch.randn_like(out.y)
+    dh = torch.randn(m, n, dtype=hdt, device=inputs.x.device) if options.prenorm else None
+    y_base, h_base, grads_base = baseline(inputs, options, keep, dy, dh, eps=eps)
+
+    assert_close(out.y, ref.y, y_base, "y")
+    assert_close(out.h, ref.h, h_base, "h")
+    # The statistics describe h as stored (rounded to its dtype): float64 statistics of out.h.
+    h_stored = out.h.double()
+    if options.kind == "layer":
+        mean64 = h_stored.mean(-1)
+        var64 = (h_stored - mean64[:, None]).pow(2).mean(-1)
+        assert out.mean.dtype == torch.float32
+        torch.testing.assert_close(out.mean.double(), mean64, rtol=1e-5, atol=1e-6)
+    else:
+        assert out.mean is None
+        var64 = h_stored.pow(2).mean(-1)
+    torch.testing.assert_close(out.rstd.double(), torch.rsqrt(var64 + eps), rtol=1e-5, atol=0.0)
+
+    grads = backend.backward(dy, dh, out.h, out.mean, out.rstd, inputs, options, rng)
+    # The oracle's backward runs on its own float64 h and statistics.
+    grads_ref = reference.backward(dy.double(), to64(dh), ref.h, ref.mean, ref.rstd, inputs64, options, rng,
+                                   dropout_mask=keep)
+    sources = {"dx": inputs.x, "dresidual": inputs.residual, "dweight": inputs.weight, "dbias": inputs.bias}
+    for name, source in sources.items():
+        actual, expected = getattr(grads, name), getattr(grads_ref, name)
+        if expected is None:
+            assert actual is None, name
+            continue
+        assert actual.dtype == source.dtype, name
+        # dweight/dbias sum m rows: the atol grows like sqrt(m) with independent roundings.
+        scale = max(1.0, m**0.5) if name in ("dweight", "dbias") else 1.0
+        assert_close(actual, expected, grads_base[name], name, atol_scale=scale)
+    return out, grads

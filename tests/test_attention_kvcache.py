@@ -147,15 +147,22 @@ BAD_PAGED = [
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_kvcache_rejects_bad_arguments_before_writing(monkeypatch, paged):
+    check_rejected_before_the_kernel(monkeypatch, ref_attention, "reference", paged)
+
+
+def check_rejected_before_the_kernel(monkeypatch, attention_module, backend: str, paged: bool) -> None:
+    """Every BAD_* call raises its error before ``attention_module.kvcache_forward`` runs and
+    leaves the cache untouched."""
+
     def kernel_ran(*args, **kwargs):
         raise AssertionError("validation must reject the call before any kernel runs")
 
-    monkeypatch.setattr(ref_attention, "kvcache_forward", kernel_ran)
+    monkeypatch.setattr(attention_module, "kvcache_forward", kernel_ran)
     for overrides, error, match in BAD_PAGED if paged else BAD_CONTIGUOUS:
         args = {**_base_args(paged), **overrides}
         caches = [t.clone() for t in (args["k_cache"], args["v_cache"])]
         with pytest.raises(error, match=match):
-            fastattn.flash_attention_with_kvcache(**args, backend="reference")
+            fastattn.flash_attention_with_kvcache(**args, backend=backend)
         assert torch.equal(args["k_cache"], caches[0]) and torch.equal(args["v_cache"], caches[1]), overrides
 
 

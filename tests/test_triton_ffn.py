@@ -18,39 +18,14 @@ from conftest import requires_cuda
 from fastattn.options import FeedForwardInputs, FeedForwardOptions, RngState
 from fastattn.reference import ffn as reference
 from fastattn.triton import ffn as tffn
-from ffn_cases import ACTIVATIONS, GRAD_NAMES, baseline, inputs64, make_inputs
-from helpers import assert_close_to_reference
+from ffn_cases import ACTIVATIONS, GRAD_NAMES, inputs64, make_inputs, run_and_check
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
 def _run_and_check(inputs: FeedForwardInputs, options: FeedForwardOptions, rng: Optional[RngState]):
     """Triton forward + backward vs the float64 reference; returns the Triton results."""
-    y, z = tffn.forward(inputs, options, rng)
-    assert y.dtype == inputs.dtype and y.shape == (inputs.rows, inputs.w2.shape[0])
-    if options.recompute:
-        assert z is None
-    else:
-        assert z is not None and z.dtype == inputs.dtype and z.shape == (inputs.rows, inputs.w1.shape[0])
-    keep = tffn.dropout_mask(inputs, options, rng)
-    assert (keep is None) == (options.dropout_p == 0.0)
-    dy = torch.randn_like(y)
-    grads = tffn.backward(dy, z, inputs, options, rng)
-
-    in64 = inputs64(inputs)
-    y_ref, z_ref = reference.forward(in64, options, rng, dropout_mask=keep)
-    g_ref = reference.backward(dy.double(), None, in64, options, rng, dropout_mask=keep)
-    y_base, z_base, g_base = baseline(inputs, options.activation, options.dropout_p, keep, dy)
-
-    assert_close_to_reference(y, y_ref, y_base, "y")
-    if z is not None:
-        assert_close_to_reference(z, z_ref, z_base, "z")
-    for name in GRAD_NAMES:
-        actual, expected = getattr(grads, name), getattr(g_ref, name)
-        if g_base[name] is None:
-            assert actual is None, f"{name} should be None without a bias"
-            continue
-        assert actual.dtype == g_base[name].dtype, f"{name}: dtype {actual.dtype}"
-        assert_close_to_reference(actual, expected, g_base[name], name)
-    return y, z, grads
+    return run_and_check(tffn, inputs, options, rng)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 from fastattn.backends import triton_interpret_enabled
-from fastattn.options import NormInputs, NormOptions, RngState, residual_out_dtype
-from fastattn.reference import norm as reference
+from fastattn.options import NormInputs, NormOptions, RngState
 from fastattn.triton import norm as tnorm
 from helpers import assert_close_to_reference
-from norm_cases import FEATURES, baseline as _shared_baseline, make_inputs, to64 as _to64
+from norm_cases import FEATURES, check_backend, make_inputs
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 EPS = 1e-5
@@ -37,57 +36,9 @@ def _make(m, n, dtype, device, **kw):
     return make_inputs(m, n, dtype, device, **kw)
 
 
-def _baseline(inputs: NormInputs, options: NormOptions, keep: torch.Tensor, dy, dh):
-    """Plain PyTorch in the inputs' own dtypes (tests/norm_cases.py) with this file's EPS."""
-    return _shared_baseline(inputs, options, keep, dy, dh, eps=EPS)
-
-
 def _check(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]):
     """Forward and every gradient of the Triton backend against reference and baseline."""
-    m, n = inputs.x.shape
-    out = tnorm.forward(inputs, options, rng)
-    keep = tnorm.dropout_mask(inputs, options, rng)
-    inputs64 = NormInputs(*(_to64(t) for t in (inputs.x, inputs.residual, inputs.weight, inputs.bias)))
-    ref = reference.forward(inputs64, options, rng, dropout_mask=keep)
-
-    hdt = residual_out_dtype(inputs, options)
-    assert out.y.dtype == inputs.x.dtype and out.h.dtype == hdt
-    assert out.rstd.dtype == torch.float32 and out.rstd.shape == (m,)
-    dy = torch.randn_like(out.y)
-    dh = torch.randn(m, n, dtype=hdt, device=inputs.x.device) if options.prenorm else None
-    y_base, h_base, grads_base = _baseline(inputs, options, keep, dy, dh)
-
-    _assert_close(out.y, ref.y, y_base, "y")
-    _assert_close(out.h, ref.h, h_base, "h")
-    # The statistics describe h as stored (rounded to its dtype): float64 statistics of out.h.
-    h_stored = out.h.double()
-    if options.kind == "layer":
-        mean64 = h_stored.mean(-1)
-        var64 = (h_stored - mean64[:, None]).pow(2).mean(-1)
-        assert out.mean.dtype == torch.float32
-        torch.testing.assert_close(out.mean.double(), mean64, rtol=1e-5, atol=1e-6)
-    else:
-        assert out.mean is None
-        var64 = h_stored.pow(2).mean(-1)
-    torch.testing.assert_close(out.rstd.double(), torch.rsqrt(var64 + EPS), rtol=1e-5, atol=0.0)
-
-    grads = tnorm.backward(dy, dh, out.h, out.mean, out.rstd, inputs, options, rng)
-    # The oracle's backward runs on its own float64 h and statistics.
-    grads_ref = reference.backward(dy.double(), _to64(dh), ref.h, ref.mean, ref.rstd, inputs64, options, rng,
-                                   dropout_mask=keep)
-    for name in ("dx", "dresidual", "dweight", "dbias"):
-        actual, expected = getattr(grads, name), getattr(grads_ref, name)
-        if expected is None:
-            assert actual is None, name
-            continue
-        source = {"dx": inputs.x, "dresidual": inputs.residual, "dweight": inputs.weight, "dbias": inputs.bias}[name]
-        assert actual.dtype == source.dtype, name
-        # dweight/dbias sum m rows: the atol grows like sqrt(m) with independent roundings.
-        scale = max(1.0, m**0.5) if name in ("dweight", "dbias") else 1.0
-        _assert_close(actual, expected, grads_base[name], name, atol_scale=scale)
-    return out, grads
-
-
+    return check_backend(tnorm, inputs, options, rng, eps=EPS, assert_close=_assert_close)
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])

@@ -180,6 +180,12 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or None, got {name!r}") from None
 
 
+def registered_names() -> tuple[str, ...]:
+    """Every backend's name in priority order (fixed for the process: the custom ops store a
+    backend as its index here, fastattn/ops/_custom_op.py)."""
+    return tuple(_BACKENDS)
+
+
 def requested_backend(backend: Optional[str] = None) -> Optional[str]:
     """The explicit choice in force: argument, then use_backend(), then FASTATTN_BACKEND (an
     empty variable counts as unset; an empty argument is a bad name, not automatic choice)."""

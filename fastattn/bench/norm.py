@@ -85,7 +85,8 @@ def cases(preset: str, device: torch.device, dtype: Optional[torch.dtype] = None
         rows = 32768
         hiddens = (1024, 4096, 16384) if preset == "quick" else (1024, 2048, 4096, 8192, 16384)
     else:
-        rows = 1024
+        # 4096 rows: issue 10's CPU target shape is M4096 N1024.
+        rows = 4096
         hiddens = (256, 1024, 4096) if preset == "quick" else (256, 512, 1024, 2048, 4096)
     kinds = ("layer",) if preset == "quick" else ("layer", "rms")
     return [NormCase(rows, hidden, kind, dtype) for kind in kinds for hidden in hiddens]

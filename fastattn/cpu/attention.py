@@ -13,6 +13,9 @@ Masks (causal in both alignments, sliding window, key_padding_mask, bool / float
 read through their strides, ALiBi, softcap) are applied per tile; key tiles a query block
 cannot see are never visited. Rows that see no key: output 0, lse -inf, zero gradients.
 
+Variable-length batches: :mod:`fastattn.cpu.attention_varlen` (the dense kernels per sequence,
+on views). KV-cache decoding: :mod:`fastattn.cpu.attention_kvcache` (split-KV kernel).
+
 Dropout: the Triton backend's keep mask bit for bit (Philox4x32-10, one call per 2 x 2 group
 of scores; see csrc/cpu/attention_philox.h and fastattn/triton/attention.py), regenerated in
 the backward, never stored. :func:`dropout_mask` materializes it for tests.
@@ -26,10 +29,13 @@ from typing import Optional
 import torch
 
 from fastattn.backends.capabilities import AttentionCapabilities
-from fastattn.cpu import ensure_loaded
-from fastattn.options import AttentionInputs, AttentionOptions, RngState
+from fastattn.cpu import attention_kvcache, attention_varlen, ensure_loaded
+from fastattn.options import AttentionInputs, AttentionOptions, KVCacheInputs, RngState
 
-CAPABILITIES = AttentionCapabilities(min_head_dim=1, max_head_dim=256, window=True, softcap=True, alibi=True)
+CAPABILITIES = AttentionCapabilities(
+    min_head_dim=1, max_head_dim=256, window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
+    paged_kvcache=True,
+)
 
 
 def _shift(inputs: AttentionInputs, options: AttentionOptions) -> int:
@@ -63,7 +69,10 @@ def _op_args(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[R
 
 
 def forward(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[RngState]):
-    """out (B, Lq, H, D) in q's dtype, lse (B, H, Lq) fp32 (natural log, -inf for dead rows)."""
+    """out (B, Lq, H, D) in q's dtype, lse (B, H, Lq) fp32 (natural log, -inf for dead rows);
+    varlen: out (total_q, H, D), lse (H, total_q)."""
+    if inputs.is_varlen:
+        return attention_varlen.forward(inputs, options, _dropout_args(options, rng))
     ensure_loaded()
     return torch.ops.fastattn.cpu_attention_fwd(
         inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, *_op_args(inputs, options, rng)
@@ -78,12 +87,21 @@ def backward(
     options: AttentionOptions,
     rng: Optional[RngState],
 ):
-    """dq (B, Lq, H, D), dk and dv (B, Lk, Hkv, D) in the inputs' dtype; deterministic."""
+    """dq (B, Lq, H, D), dk and dv (B, Lk, Hkv, D) in the inputs' dtype; deterministic
+    (varlen: (total_q, H, D) and (total_k, Hkv, D))."""
+    if inputs.is_varlen:
+        return attention_varlen.backward(dout, out, lse, inputs, options, _dropout_args(options, rng))
     ensure_loaded()
     return torch.ops.fastattn.cpu_attention_bwd(
         dout, inputs.q, inputs.k, inputs.v, out, lse, inputs.key_padding_mask, inputs.attn_mask,
         *_op_args(inputs, options, rng),
     )
+
+
+def kvcache_forward(inputs: KVCacheInputs, options: AttentionOptions):
+    """One decoding step (see fastattn/ops/kvcache.py): out (B, Lq, H, D) in q's dtype, lse
+    (B, H, Lq) fp32; split-KV kernel of :mod:`fastattn.cpu.attention_kvcache`."""
+    return attention_kvcache.forward(inputs, options)
 
 
 def dropout_mask(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[RngState]) -> Optional[torch.Tensor]:
@@ -119,3 +137,5 @@ def register_python_ops() -> None:
     torch.library.register_fake("fastattn::cpu_attention_fwd")(_fwd_fake)
     torch.library.register_fake("fastattn::cpu_attention_bwd")(_bwd_fake)
     torch.library.register_fake("fastattn::cpu_attention_dropout_mask")(_dropout_mask_fake)
+    attention_kvcache.register_python_ops()
+    attention_varlen.register_python_ops()

@@ -1,4 +1,5 @@
-"""Public ops: validation, the one shared autograd layer per op, and dispatch to a backend."""
+"""Public ops: validation, the one shared autograd layer per op (a pair of torch custom ops,
+``torch.ops.fastattn.<op>_forward`` / ``<op>_backward``), and dispatch to a backend."""
 
 from fastattn.ops.attention import flash_attention, flash_attention_varlen, scaled_dot_product_attention
 from fastattn.ops.ffn import feed_forward

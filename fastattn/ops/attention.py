@@ -1,9 +1,21 @@
 """Scaled-dot-product attention: validation, the shared autograd layer, public functions.
 
-Data path: public function -> validate -> AttentionOptions -> backends.select ->
-AttentionFunction.apply -> backend ``attention`` module ``forward``/``backward``.
+Data path: public function -> validate -> AttentionOptions -> (with dropout) the seed from
+``fastattn::dropout_seed`` -> custom op ``fastattn::flash_attn_forward(q, k, v,
+key_padding_mask, attn_mask, options, backend, rng)``, whose body runs backends.select and the
+backend ``attention`` module's ``forward``; its registered autograd calls
+``fastattn::flash_attn_backward`` -> the same backend's ``backward``.
+
+The two custom ops are the one autograd layer of every backend, and what torch.compile and
+torch.export see (one opaque node each, no graph break): ``register_fake`` gives their output
+shapes, ``register_autograd`` joins them. Options travel as a canonical string, the backend
+request as a name ("" = automatic, resolved inside the op at run time so ``use_backend`` works
+in compiled code), and the chosen backend and dropout seed come back as a small int64 "call
+state" tensor saved for backward (see fastattn/ops/_custom_op.py). These are not the C++
+``fastattn::attention_fwd`` / ``attention_bwd`` kernels of csrc/, which the cuda backend calls.
+
 ``flash_attention_varlen`` takes the same path with cu_seqlens in AttentionInputs; KV-cache
-decoding (inference only) is in fastattn/ops/kvcache.py.
+decoding (inference only, no autograd) is in fastattn/ops/kvcache.py.
 """
 
 from __future__ import annotations
@@ -14,10 +26,10 @@ from typing import Optional, Union
 
 import torch
 
-from fastattn.backends import select
 from fastattn.ops import _checks as checks
-from fastattn.ops._amp import autocast_dtype, autocast_off, cast_for_autocast
-from fastattn.options import AttentionInputs, AttentionOptions, RngState
+from fastattn.ops import _custom_op
+from fastattn.ops._amp import autocast_dtype, cast_for_autocast
+from fastattn.options import AttentionInputs, AttentionOptions
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,36 +180,103 @@ def _check_offsets(name: str, offsets: list[int], total: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The one autograd layer, shared by every backend
+# The one autograd layer, shared by every backend: two custom ops
 # --------------------------------------------------------------------------------------------
-class AttentionFunction(torch.autograd.Function):
-    """Tensors of AttentionInputs come positionally (q, k, v, key_padding_mask, attn_mask,
-    alibi_slopes, cu_seqlens_q, cu_seqlens_k); max_seqlens = (max_seqlen_q, max_seqlen_k)."""
+@torch.library.custom_op("fastattn::flash_attn_forward", mutates_args=())
+def _attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    options: str,
+    backend: str,
+    rng: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensors and max_seqlens as in :class:`AttentionInputs`; ``options``: encoded
+    AttentionOptions; ``backend``: requested name or "" (automatic); ``rng``: (2,) int64 dropout
+    seed and offset (``fastattn::dropout_seed``) or None. Returns out (B, Lq, H, D) in q's
+    dtype (varlen: (total_q, H, D)), lse (B, H, Lq) fp32 (varlen: (H, total_q)) and the call
+    state (3,) int64 CPU (backend, dropout seed, offset)."""
+    tensors = (q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+    inputs = AttentionInputs(*tensors, max_seqlen_q, max_seqlen_k)
+    (out, lse), _, state = _custom_op.run_forward("attention", inputs, AttentionOptions, options, backend, rng)
+    out, lse = _custom_op.finalize((out, lse), tensors)
+    return out, lse, state
 
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                max_seqlens: tuple[int, int], options: AttentionOptions, backend):
-        inputs = AttentionInputs(q, k, v, key_padding_mask, attn_mask, alibi_slopes,
-                                 cu_seqlens_q, cu_seqlens_k, *max_seqlens)
-        rng = RngState.draw() if options.dropout_p > 0 else None
-        with autocast_off(q.device):
-            out, lse = backend.forward("attention", inputs, options, rng)
-        ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                              out, lse)
-        ctx.options, ctx.backend, ctx.rng, ctx.max_seqlens = options, backend, rng, max_seqlens
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dlse):
-        *tensors, out, lse = ctx.saved_tensors
-        inputs = AttentionInputs(*tensors, *ctx.max_seqlens)
-        with autocast_off(inputs.device):
-            dq, dk, dv = ctx.backend.backward(
-                "attention", dout.contiguous(), out, lse, inputs, ctx.options, ctx.rng
-            )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+@_attention_forward.register_fake
+def _attention_forward_fake(q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                            max_seqlen_q, max_seqlen_k, options, backend, rng):
+    if cu_seqlens_q is not None:  # varlen: q (total_q, H, D), lse (H, total_q)
+        lse_shape = (q.shape[1], q.shape[0])
+    else:
+        b, lq, h, _ = q.shape
+        lse_shape = (b, h, lq)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32), _custom_op.call_state_fake()
+
+
+@torch.library.custom_op("fastattn::flash_attn_backward", mutates_args=())
+def _attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    state: torch.Tensor,
+    options: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dout like out; the forward's inputs and outputs. Returns dq like q and dk, dv like k, v
+    in the inputs' dtypes."""
+    tensors = (q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+    inputs = AttentionInputs(*tensors, max_seqlen_q, max_seqlen_k)
+    opts = _custom_op.decode_options(AttentionOptions, options)
+    grads = _custom_op.run_backward("attention", state, inputs, opts, dout.contiguous(), out, lse)
+    return _custom_op.finalize(grads, (dout, *tensors, out, lse))
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(dout, q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, out, lse, state, options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+#: Positions of the forward op's arguments: 8 tensors, 2 max_seqlens, options, backend, rng.
+_NUM_FORWARD_ARGS = 13
+
+
+def _attention_setup_context(ctx, inputs, output):
+    *tensors, max_seqlen_q, max_seqlen_k, options, _backend, _rng = inputs
+    out, lse, state = output
+    ctx.save_for_backward(*tensors, out, lse, state)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.options = options
+    ctx.mark_non_differentiable(lse, state)
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward_rule(ctx, dout, _dlse, _dstate):
+    *tensors, out, lse, state = ctx.saved_tensors
+    if dout is None:  # out took no part in the loss
+        return (None,) * _NUM_FORWARD_ARGS
+    dq, dk, dv = _attention_backward(dout, *tensors, *ctx.max_seqlens, out, lse, state, ctx.options)
+    return (dq, dk, dv) + (None,) * (_NUM_FORWARD_ARGS - 3)
+
+
+_attention_forward.register_autograd(_attention_backward_rule, setup_context=_attention_setup_context)
 
 
 def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str]):
@@ -211,11 +290,13 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
             v=cast_for_autocast(inputs.v, amp),
             attn_mask=mask if mask is None or mask.dtype in (torch.bool, torch.float32) else mask.to(amp),
         )
-    chosen = select("attention", inputs, options, backend)
-    return AttentionFunction.apply(
+    out, lse, _state = _attention_forward(
         inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, inputs.alibi_slopes,
-        inputs.cu_seqlens_q, inputs.cu_seqlens_k, (inputs.max_seqlen_q, inputs.max_seqlen_k), options, chosen,
+        inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.max_seqlen_q, inputs.max_seqlen_k,
+        _custom_op.encode_options(options), _custom_op.backend_request(backend),
+        _custom_op.draw_rng(options.dropout_p),
     )
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,10 @@
 
 ``z = x @ w1.T + b1``; ``a = act(z)`` (swiglu: ``silu(gate) * up`` with w1 = [gate; up]);
 ``y = dropout(a) @ w2.T + b2``. Rows are flattened to (M, d_model).
+
+The autograd layer is the custom op pair ``fastattn::ffn_forward`` / ``fastattn::ffn_backward``
+(as in fastattn/ops/attention.py; not the C++ ``ffn_fwd`` / ``ffn_bwd`` kernels). z is saved
+for backward, or with ``recompute`` a (0,) placeholder stands for it and backward recomputes it.
 """
 
 from __future__ import annotations
@@ -10,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from fastattn.backends import select
 from fastattn.ops import _checks as checks
-from fastattn.ops._amp import autocast_dtype, autocast_off, cast_for_autocast
-from fastattn.options import ACTIVATIONS, FeedForwardInputs, FeedForwardOptions, RngState
+from fastattn.ops import _custom_op
+from fastattn.ops._amp import autocast_dtype, cast_for_autocast
+from fastattn.options import ACTIVATIONS, FeedForwardInputs, FeedForwardOptions
 
 
 def _validate(x, w1, b1, w2, b2, activation: str) -> FeedForwardInputs:
@@ -56,25 +60,84 @@ def _validate(x, w1, b1, w2, b2, activation: str) -> FeedForwardInputs:
     )
 
 
-class FeedForwardFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, options: FeedForwardOptions, backend):
-        inputs = FeedForwardInputs(x, w1, b1, w2, b2)
-        rng = RngState.draw() if options.dropout_p > 0 else None
-        with autocast_off(x.device):
-            y, z = backend.forward("ffn", inputs, options, rng)
-        ctx.save_for_backward(x, w1, b1, w2, b2, z)
-        ctx.options, ctx.backend, ctx.rng = options, backend, rng
-        return y
+# --------------------------------------------------------------------------------------------
+# The one autograd layer, shared by every backend: two custom ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastattn::ffn_forward", mutates_args=())
+def _ffn_forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    options: str,
+    backend: str,
+    rng: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensors as in :class:`FeedForwardInputs`; ``options``: encoded FeedForwardOptions;
+    ``backend``: requested name or "" (automatic); ``rng``: dropout seed and offset or None
+    (as in attention's forward op). Returns y (M, d_out) and z (M, d_hidden)
+    in x's dtype (z: a (0,) placeholder with ``recompute``); the call state (3,) int64 CPU."""
+    inputs = FeedForwardInputs(x, w1, b1, w2, b2)
+    (y, z), _, state = _custom_op.run_forward("ffn", inputs, FeedForwardOptions, options, backend, rng)
+    y, z = _custom_op.finalize((y, _custom_op.absent(x) if z is None else z), (x, w1, b1, w2, b2))
+    return y, z, state
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, w1, b1, w2, b2, z = ctx.saved_tensors
-        inputs = FeedForwardInputs(x, w1, b1, w2, b2)
-        with autocast_off(x.device):
-            g = ctx.backend.backward("ffn", dy.contiguous(), z, inputs, ctx.options, ctx.rng)
-        return g.dx, g.dw1, g.db1, g.dw2, g.db2, None, None
+
+@_ffn_forward.register_fake
+def _ffn_forward_fake(x, w1, b1, w2, b2, options, backend, rng):
+    recompute = _custom_op.decode_options(FeedForwardOptions, options).recompute
+    m = x.shape[0]
+    z = x.new_empty((0,) if recompute else (m, w1.shape[0]))
+    return x.new_empty((m, w2.shape[0])), z, _custom_op.call_state_fake()
+
+
+@torch.library.custom_op("fastattn::ffn_backward", mutates_args=())
+def _ffn_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    z: torch.Tensor,
+    state: torch.Tensor,
+    options: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy (M, d_out); the forward's inputs and z. Returns dx, dw1, db1, dw2, db2 shaped and
+    typed like their inputs (db1 / db2: placeholders without a bias)."""
+    inputs = FeedForwardInputs(x, w1, b1, w2, b2)
+    opts = _custom_op.decode_options(FeedForwardOptions, options)
+    g = _custom_op.run_backward("ffn", state, inputs, opts, dy.contiguous(), None if opts.recompute else z)
+    outputs = tuple(_custom_op.absent(x) if t is None else t for t in (g.dx, g.dw1, g.db1, g.dw2, g.db2))
+    return _custom_op.finalize(outputs, (dy, x, w1, b1, w2, b2, z))
+
+
+@_ffn_backward.register_fake
+def _ffn_backward_fake(dy, x, w1, b1, w2, b2, z, state, options):
+    return tuple(
+        x.new_empty((0,)) if t is None else t.new_empty(t.shape) for t in (x, w1, b1, w2, b2)
+    )
+
+
+def _ffn_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, options, _backend, _rng = inputs
+    _y, z, state = output
+    ctx.save_for_backward(x, w1, b1, w2, b2, z, state)
+    ctx.options = options
+    ctx.mark_non_differentiable(z, state)
+    ctx.set_materialize_grads(False)
+
+
+def _ffn_backward_rule(ctx, dy, _dz, _dstate):
+    x, w1, b1, w2, b2, z, state = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None, None, None, None
+    dx, dw1, db1, dw2, db2 = _ffn_backward(dy, x, w1, b1, w2, b2, z, state, ctx.options)
+    return dx, dw1, None if b1 is None else db1, dw2, None if b2 is None else db2, None, None, None
+
+
+_ffn_forward.register_autograd(_ffn_backward_rule, setup_context=_ffn_setup_context)
 
 
 def feed_forward(
@@ -119,6 +182,9 @@ def feed_forward(
         recompute=recompute,
         allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
     )
-    chosen = select("ffn", inputs, options, backend)
-    y = FeedForwardFunction.apply(inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2, options, chosen)
+    y, _z, _state = _ffn_forward(
+        inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2,
+        _custom_op.encode_options(options), _custom_op.backend_request(backend),
+        _custom_op.draw_rng(options.dropout_p),
+    )
     return y.reshape(*x.shape[:-1], w2.shape[0])

@@ -2,6 +2,14 @@
 
 ``h = dropout(x) + residual``; ``y = norm(h) * weight + bias``. Rows are flattened to (M, N)
 views; the backend returns y and h, and saves fp32 mean/rstd for the backward.
+
+The autograd layer is the custom op pair ``fastattn::add_norm_forward`` /
+``fastattn::add_norm_backward`` (as in fastattn/ops/attention.py; not the C++ ``norm_fwd`` /
+``norm_bwd`` kernels). An op output may not alias an input, so when h would equal x (no
+residual, no dropout, no dtype change) the forward op returns a placeholder for h and x itself
+serves as h: it is saved for backward and returned with ``prenorm``, and its gradient reaches
+x directly. Absent outputs (RMSNorm's mean, the gradients of absent tensors) are (0,)
+placeholders, as a schema cannot return None.
 """
 
 from __future__ import annotations
@@ -10,10 +18,9 @@ from typing import Optional, Union
 
 import torch
 
-from fastattn.backends import select
 from fastattn.ops import _checks as checks
-from fastattn.ops._amp import autocast_off
-from fastattn.options import NormInputs, NormOptions, RngState
+from fastattn.ops import _custom_op
+from fastattn.options import NormInputs, NormOptions, residual_out_dtype
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,52 +51,147 @@ def _validate(x, residual, weight, bias) -> NormInputs:
     )
 
 
-def _stand_in(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A zero-stride tensor of t's shape and dtype: backward primitives read only the shape
-    and dtype of x and residual (their data is not saved)."""
-    if t is None:
-        return None
-    return torch.empty(1, dtype=t.dtype, device=t.device).expand(t.shape)
+# --------------------------------------------------------------------------------------------
+# The one autograd layer, shared by every backend: two custom ops
+# --------------------------------------------------------------------------------------------
+def _h_is_x(x: torch.Tensor, residual: Optional[torch.Tensor], options: NormOptions) -> bool:
+    """Without a residual, dropout or a dtype change, h equals x: the forward op returns a
+    placeholder for h and x itself serves as h (no copy, no extra saved tensor)."""
+    return (
+        residual is None
+        and options.dropout_p == 0
+        and residual_out_dtype(NormInputs(x, residual), options) == x.dtype
+    )
 
 
-class NormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, options: NormOptions, backend):
-        inputs = NormInputs(x, residual, weight, bias)
-        rng = RngState.draw() if options.dropout_p > 0 else None
-        with autocast_off(x.device):
-            result = backend.forward("norm", inputs, options, rng)
-        h = result.h
-        if options.prenorm and h.data_ptr() == x.data_ptr():
-            h = h.clone()  # an output must not alias an input of the Function
-        ctx.save_for_backward(h, weight, bias, result.mean, result.rstd)
-        ctx.options, ctx.backend, ctx.rng = options, backend, rng
-        ctx.x_stand_in, ctx.residual_stand_in = _stand_in(x), _stand_in(residual)
-        if options.prenorm:
-            return result.y, h
-        return result.y
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dh=None):
-        h, weight, bias, mean, rstd = ctx.saved_tensors
-        inputs = NormInputs(ctx.x_stand_in, ctx.residual_stand_in, weight, bias)
-        with autocast_off(h.device):
-            grads = ctx.backend.backward(
-                "norm", dy.contiguous(), None if dh is None else dh.contiguous(),
-                h, mean, rstd, inputs, ctx.options, ctx.rng,
-            )
-        return grads.dx, grads.dresidual, grads.dweight, grads.dbias, None, None
+
+@torch.library.custom_op("fastattn::add_norm_forward", mutates_args=())
+def _norm_forward(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    options: str,
+    backend: str,
+    rng: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensors as in :class:`NormInputs`; ``options``: encoded NormOptions; ``backend``:
+    requested name or "" (automatic); ``rng``: dropout seed and offset or None (as in
+    attention's forward op). Returns y (M, N) in x's dtype; h (M, N) in
+    ``residual_out_dtype`` (a (0,) placeholder when h is x); mean (M,) (placeholder for
+    RMSNorm) and rstd (M,), fp32 (fp64 for fp64 x); the call state (3,) int64 CPU."""
+    inputs = NormInputs(x, residual, weight, bias)
+    result, opts, state = _custom_op.run_forward("norm", inputs, NormOptions, options, backend, rng)
+    h = _custom_op.absent(x) if _h_is_x(x, residual, opts) else result.h
+    mean = _custom_op.absent(x, torch.float32) if result.mean is None else result.mean
+    outputs = _custom_op.finalize((result.y, h, mean, result.rstd), (x, residual, weight, bias))
+    return (*outputs, state)
+
+
+@_norm_forward.register_fake
+def _norm_forward_fake(x, residual, weight, bias, options, backend, rng):
+    opts = _custom_op.decode_options(NormOptions, options)
+    m, n = x.shape
+    stats = _stats_dtype(x)
+    h_is_x = _h_is_x(x, residual, opts)
+    h = x.new_empty((0,) if h_is_x else (m, n), dtype=residual_out_dtype(NormInputs(x, residual), opts))
+    mean = x.new_empty((m,), dtype=stats) if opts.kind == "layer" else x.new_empty((0,), dtype=torch.float32)
+    return x.new_empty((m, n)), h, mean, x.new_empty((m,), dtype=stats), _custom_op.call_state_fake()
+
+
+@torch.library.custom_op("fastattn::add_norm_backward", mutates_args=())
+def _norm_backward(
+    dy: torch.Tensor,
+    dh: Optional[torch.Tensor],
+    h: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    state: torch.Tensor,
+    x_dtype: torch.dtype,
+    residual_dtype: Optional[torch.dtype],
+    options: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy (M, N); dh (M, N) or None (h unused, or h is x); h (M, N) the forward's h (or x);
+    the dtypes of x and residual (None: no residual). Returns dx, dresidual (M, N) and
+    dweight, dbias (N,), placeholders for the absent ones."""
+    opts = _custom_op.decode_options(NormOptions, options)
+    inputs = NormInputs(
+        _custom_op.stand_in(h.shape, x_dtype, h.device),
+        _custom_op.stand_in(h.shape, residual_dtype, h.device),
+        weight,
+        bias,
+    )
+    grads = _custom_op.run_backward(
+        "norm", state, inputs, opts, dy.contiguous(), None if dh is None else dh.contiguous(),
+        h, mean if opts.kind == "layer" else None, rstd,
+    )
+    outputs = tuple(
+        _custom_op.absent(dy) if g is None else g for g in (grads.dx, grads.dresidual, grads.dweight, grads.dbias)
+    )
+    return _custom_op.finalize(outputs, (dy, dh, h, weight, bias, mean, rstd))
+
+
+@_norm_backward.register_fake
+def _norm_backward_fake(dy, dh, h, weight, bias, mean, rstd, state, x_dtype, residual_dtype, options):
+    n = h.shape[-1]
+    return (
+        dy.new_empty(h.shape, dtype=x_dtype),
+        dy.new_empty((0,)) if residual_dtype is None else dy.new_empty(h.shape, dtype=residual_dtype),
+        dy.new_empty((0,)) if weight is None else weight.new_empty((n,)),
+        dy.new_empty((0,)) if bias is None else bias.new_empty((n,)),
+    )
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, options, _backend, _rng = inputs
+    _y, h, mean, rstd, state = output
+    ctx.h_is_x = _h_is_x(x, residual, _custom_op.decode_options(NormOptions, options))
+    ctx.save_for_backward(x if ctx.h_is_x else h, weight, bias, mean, rstd, state)
+    ctx.options, ctx.x_dtype = options, x.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.mark_non_differentiable(mean, rstd, state, *((h,) if ctx.h_is_x else ()))
+    ctx.set_materialize_grads(False)
+
+
+def _norm_backward_rule(ctx, dy, dh, _dmean, _drstd, _dstate):
+    h, weight, bias, mean, rstd, state = ctx.saved_tensors
+    if dy is None and dh is None:
+        return None, None, None, None, None, None, None
+    if dy is None:  # only h took part in the loss (prenorm)
+        dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
+    dx, dresidual, dweight, dbias = _norm_backward(
+        dy, dh, h, weight, bias, mean, rstd, state, ctx.x_dtype, ctx.residual_dtype, ctx.options
+    )
+    return (
+        dx,
+        None if ctx.residual_dtype is None else dresidual,
+        None if weight is None else dweight,
+        None if bias is None else dbias,
+        None,
+        None,
+        None,
+    )
+
+
+_norm_forward.register_autograd(_norm_backward_rule, setup_context=_norm_setup_context)
 
 
 def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str]) -> Tensors:
     inputs = _validate(x, residual, weight, bias)
-    chosen = select("norm", inputs, options, backend)
-    outputs = NormFunction.apply(inputs.x, inputs.residual, weight, bias, options, chosen)
-    if options.prenorm:
-        y, h = outputs
-        return y.reshape(x.shape), h.reshape(x.shape)
-    return outputs.reshape(x.shape)
+    y, h, _mean, _rstd, _state = _norm_forward(
+        inputs.x, inputs.residual, weight, bias,
+        _custom_op.encode_options(options), _custom_op.backend_request(backend),
+        _custom_op.draw_rng(options.dropout_p),
+    )
+    y = y.reshape(x.shape)
+    if not options.prenorm:
+        return y
+    return y, (x if _h_is_x(inputs.x, inputs.residual, options) else h.reshape(x.shape))
 
 
 def _options(kind, eps, dropout_p, prenorm, residual_in_fp32) -> NormOptions:

@@ -1,0 +1,101 @@
+// Helpers shared by the cpu backend's attention kernels (attention_kvcache.cpp; attention.cpp
+// keeps its own copies until its tuning branch lands): fp32 row conversion, vectorized
+// softmax pieces, the ALiBi slopes at the op boundary.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+
+namespace fastattn_cpu_common {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kUnbounded = -1;  // an unbounded window side
+
+inline void vec_scale(float* x, int64_t n, float factor) {
+  const Vec f(factor);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(x + c) * f).store(x + c);
+  for (; c < n; ++c) x[c] *= factor;
+}
+
+// x[c] = exp(x[c] - sub); returns the sum (exp(-inf) = 0).
+inline float vec_exp_sum(float* x, int64_t n, float sub) {
+  const Vec vs(sub);
+  Vec acc(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec e = (Vec::loadu(x + c) - vs).exp_u20();
+    e.store(x + c);
+    acc = acc + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; c < n; ++c) {
+    x[c] = std::exp(x[c] - sub);
+    sum += x[c];
+  }
+  return sum;
+}
+
+// One row of dim values as fp32 into dst; fp16 / bf16 through at::vec's vector conversion.
+template <typename scalar_t>
+inline void row_to_fp32(const scalar_t* src, float* dst, int64_t dim) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy(src, src + dim, dst);
+  } else {
+    using VecS = at::vec::Vectorized<scalar_t>;
+    int64_t d = 0;
+    for (; d + VecS::size() <= dim; d += VecS::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VecS::loadu(src + d));
+      lo.store(dst + d);
+      hi.store(dst + d + Vec::size());
+    }
+    for (; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+  }
+}
+
+// rows x dim rows from src (row stride ld) as fp32: in place for fp32, else converted into
+// buf (row stride dim). Returns the pointer; ld_out its row stride.
+template <typename scalar_t>
+inline const float* rows_fp32(const scalar_t* src, int64_t rows, int64_t ld, int64_t dim, float* buf,
+                              int64_t& ld_out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) row_to_fp32(src + r * ld, buf + r * dim, dim);
+    ld_out = dim;
+    return buf;
+  }
+}
+
+// ALiBi slopes (H,) or (B, H) fp32, checked: the slope of (b, h) is ptr[b * sb + h * sh].
+struct AlibiSlopes {
+  const float* ptr = nullptr;
+  int64_t sb = 0, sh = 0;
+};
+
+inline AlibiSlopes alibi_slopes_of(const std::optional<at::Tensor>& slopes, int64_t batch, int64_t heads,
+                                   const char* op) {
+  AlibiSlopes out;
+  if (!slopes.has_value()) return out;
+  const at::Tensor& t = *slopes;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32 on the CPU");
+  if (t.dim() == 1) {
+    TORCH_CHECK(t.size(0) == heads, op, ": alibi_slopes must be (H,) or (B, H)");
+    out.sh = t.stride(0);
+  } else {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) == heads, op, ": alibi_slopes must be (H,) or (B, H)");
+    out.sb = t.stride(0);
+    out.sh = t.stride(1);
+  }
+  out.ptr = t.const_data_ptr<float>();
+  return out;
+}
+
+}  // namespace fastattn_cpu_common
