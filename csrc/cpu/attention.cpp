@@ -1,9 +1,10 @@
 // CPU FlashAttention-2 (forward and backward) for the ``cpu`` backend: torch.ops.fastattn.cpu_attention_*.
 //
 // Layout: flash (B, L, H, D), any strides with a contiguous head dim; lse (B, H, Lq) fp32,
-// natural log. Tile GEMMs are fp32 BLAS sgemm calls (MKL in torch's x86 wheels, the
-// library under torch's own CPU flash kernel); fp16 / bf16 tiles are converted to fp32 first,
-// so probabilities and dS are never rounded to the input dtype. Softmax and exp are vectorized with
+// natural log. Tile GEMMs are fp32, register-blocked (attention_gemm.h) on operands packed
+// once: K^T / V per (batch, kv head) in the forward, Q / dO per (batch, head) and K^T / V^T / K
+// per key block in the backward; fp16 / bf16 are converted to fp32 while packing, so
+// probabilities and dS are never rounded to the input dtype. Softmax and exp are vectorized with
 // at::vec::Vectorized (exp_u20).
 //
 // Visibility of key j to query i: ``lo(i) <= j < hi(i)`` with lo / hi from causal and the
