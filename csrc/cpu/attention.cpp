@@ -1,10 +1,10 @@
 // CPU FlashAttention-2 (forward and backward) for the ``cpu`` backend: torch.ops.fastattn.cpu_attention_*.
 //
 // Layout: flash (B, L, H, D), any strides with a contiguous head dim; lse (B, H, Lq) fp32,
-// natural log. Tile GEMMs are fp32, register-blocked (attention_gemm.h) on operands packed
-// once: K^T / V per (batch, kv head) in the forward, Q / dO per (batch, head) and K^T / V^T / K
-// per key block in the backward; fp16 / bf16 are converted to fp32 while packing, so
-// probabilities and dS are never rounded to the input dtype. Softmax and exp are vectorized with
+// natural log. Forward tile GEMMs: fp32, register-blocked (attention_gemm.h) on K^T / V packed
+// once per (batch, kv head); backward tile GEMMs: fp32 BLAS sgemm calls (MKL in torch's x86
+// wheels; the panel kernel measured no faster there). fp16 / bf16 are converted to fp32 first,
+// so probabilities and dS are never rounded to the input dtype. Softmax and exp are vectorized with
 // at::vec::Vectorized (exp_u20).
 //
 // Visibility of key j to query i: ``lo(i) <= j < hi(i)`` with lo / hi from causal and the
@@ -37,6 +37,10 @@
 #include "cpu/attention_gemm.h"
 #include "cpu/attention_philox.h"
 
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                      const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                      const float* beta, float* c, const int* ldc);
+
 namespace fastattn_cpu {
 namespace {
 
@@ -53,6 +57,21 @@ constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 128;
 // Backward tasks wanted before key blocks are split over tasks (shape-only rule).
 constexpr int64_t kBwdMinTasks = 16;
+
+// Row-major fp32 GEMM: C (M x N, ldc) = alpha * op(A) op(B) + beta * C, op(A) M x K, op(B)
+// K x N, A / B stored row-major (transposed: stored K x M / N x K). BLAS is column-major, so
+// row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T. sgemm_ is the BLAS that
+// libtorch_cpu carries and exports (MKL on x86 wheels); ATen's cpublas::gemm overloads that
+// would wrap it are not exported from libtorch_cpu.
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                    int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  TORCH_CHECK(std::max({lda, ldb, ldc, m, n, k}) <= std::numeric_limits<int>::max(),
+              "fastattn cpu attention: a stride exceeds the 32-bit BLAS interface");
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int lda_i = static_cast<int>(ldb), ldb_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
+  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
+}
 
 // rows x dim tile of a (.., L, .., D) tensor with row stride ld, as fp32: the tile itself for
 // fp32, else converted into buf (ld dim). Returns the pointer and sets ld_out.
@@ -369,27 +388,11 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
   const int64_t key_blocks = (p.lk + BN - 1) / BN;
   const float inv_keep = p.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
 
-  // Q and dO of every (batch, head) packed once as fp32 GEMM panels (Lq x D each, O(L) memory;
-  // read by every key block): the B operands of dK += dS^T Q and dV += P^T dO.
-  const int64_t W = kPanelWidth, dim_panels = (D + W - 1) / W, qo_panel_stride = p.lq * W;
-  const int64_t qo_size = dim_panels * qo_panel_stride;
-  at::Tensor packed = at::empty({p.batch * H, 2, qo_size}, q.options().dtype(at::kFloat));
-  float* packed_ptr = packed.data_ptr<float>();  // (B * H, {q, dO}, qo_size)
-  at::parallel_for(0, p.batch * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      pack_panels(q_ptr + b * sq.b + h * sq.h, p.lq, D, sq.l, packed_ptr + bh * 2 * qo_size, qo_panel_stride);
-      pack_panels(do_ptr + b * sd.b + h * sd.h, p.lq, D, sd.l, packed_ptr + (bh * 2 + 1) * qo_size, qo_panel_stride);
-    }
-  });
-
   at::parallel_for(0, p.batch * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(BM * BN), dprobs(BM * BN), dk_acc(BN * D), dv_acc(BN * D), dcap(BN);
-    // fp32 copies of fp16 / bf16 q / dO tiles (GEMM A operands)
-    std::vector<float> q_buf(kFloat ? 0 : BM * D), do_buf(kFloat ? 0 : BM * D);
-    // GEMM B operands as panels: K^T, V^T (D x n), K (n x D) per key block; Q, dO (m x D) per query block
-    const int64_t key_panels = (BN + W - 1) / W;
-    std::vector<float> kt_pan(key_panels * D * W), vt_pan(key_panels * D * W), k_pan(dim_panels * BN * W);
+    // fp32 copies of fp16 / bf16 tiles
+    std::vector<float> q_buf(kFloat ? 0 : BM * D), do_buf(kFloat ? 0 : BM * D), k_buf(kFloat ? 0 : BN * D),
+        v_buf(kFloat ? 0 : BN * D);
     std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, hk = (task / splits) % Hkv, b = task / (splits * Hkv);
@@ -398,10 +401,9 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
       float* dq_split = dq_ptr + split * p.batch * p.lq * H * D;
       for (int64_t kb = split * key_blocks / splits; kb < (split + 1) * key_blocks / splits; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, p.lk - j0);
-        int64_t ldq, ldd;
-        pack_panels_transposed(k_head + j0 * sk.l, n, D, sk.l, kt_pan.data(), D * W);
-        pack_panels_transposed(v_head + j0 * sv.l, n, D, sv.l, vt_pan.data(), D * W);
-        pack_panels(k_head + j0 * sk.l, n, D, sk.l, k_pan.data(), BN * W);
+        int64_t ldq, ldk, ldv, ldd;
+        const float* k_tile = tile_fp32(k_head + j0 * sk.l, n, sk.l, D, k_buf.data(), ldk);
+        const float* v_tile = tile_fp32(v_head + j0 * sv.l, n, sv.l, D, v_buf.data(), ldv);
         std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
         const int64_t i_begin = p.first_query(j0), i_end = p.end_query(j0 + n);
@@ -413,10 +415,8 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
             const float* q_tile = tile_fp32(q_ptr + b * sq.b + i0 * sq.l + h * sq.h, m, sq.l, D, q_buf.data(), ldq);
             const float* do_tile =
                 tile_fp32(do_ptr + b * sd.b + i0 * sd.l + h * sd.h, m, sd.l, D, do_buf.data(), ldd);
-            const float* q_pan = packed_ptr + (b * H + h) * 2 * qo_size + i0 * W;
-            const float* do_pan = q_pan + qo_size;
-            panel_gemm(m, n, D, q_tile, ldq, 1, {kt_pan.data(), D * W}, scores.data(), BN, false);
-            panel_gemm(m, n, D, do_tile, ldd, 1, {vt_pan.data(), D * W}, dprobs.data(), BN, false);
+            gemm_rm(false, true, m, n, D, 1.f, q_tile, ldq, k_tile, ldk, 0.f, scores.data(), BN);
+            gemm_rm(false, true, m, n, D, 1.f, do_tile, ldd, v_tile, ldv, 0.f, dprobs.data(), BN);
             if (p.dropout())
               dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
                                 keep.data(), BN);
@@ -451,10 +451,10 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
               }
               vec_scale(dp, n, p.scale);
             }
-            panel_gemm(n, D, m, scores.data(), 1, BN, {do_pan, qo_panel_stride}, dv_acc.data(), D, true);
-            panel_gemm(n, D, m, dprobs.data(), 1, BN, {q_pan, qo_panel_stride}, dk_acc.data(), D, true);
-            panel_gemm(m, D, n, dprobs.data(), BN, 1, {k_pan.data(), BN * W}, dq_split + ((b * p.lq + i0) * H + h) * D,
-                       H * D, true);
+            gemm_rm(true, false, n, D, m, 1.f, scores.data(), BN, do_tile, ldd, 1.f, dv_acc.data(), D);
+            gemm_rm(true, false, n, D, m, 1.f, dprobs.data(), BN, q_tile, ldq, 1.f, dk_acc.data(), D);
+            gemm_rm(false, false, m, D, n, 1.f, dprobs.data(), BN, k_tile, ldk, 1.f,
+                              dq_split + ((b * p.lq + i0) * H + h) * D, H * D);
           }
         }
         for (int64_t c = 0; c < n; ++c) {

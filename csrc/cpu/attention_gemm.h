@@ -54,10 +54,10 @@ inline void pack_panels_transposed(const scalar_t* src, int64_t rows, int64_t co
     const int64_t r0 = p * kPanelWidth, width = std::min(kPanelWidth, rows - r0);
     float* panel = dst + p * panel_stride;
     if (width < kPanelWidth) std::fill(panel, panel + cols * kPanelWidth, 0.f);
-    // Contiguous writes; the strided reads stay within the panel's rows, L1-resident after the first column.
-    const scalar_t* in = src + r0 * ld;
-    for (int64_t c = 0; c < cols; ++c)
-      for (int64_t r = 0; r < width; ++r) panel[c * kPanelWidth + r] = static_cast<float>(in[r * ld + c]);
+    for (int64_t r = 0; r < width; ++r) {
+      const scalar_t* in = src + (r0 + r) * ld;
+      for (int64_t c = 0; c < cols; ++c) panel[c * kPanelWidth + r] = static_cast<float>(in[c]);
+    }
   }
 }
 
