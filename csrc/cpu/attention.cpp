@@ -1,8 +1,9 @@
 // CPU FlashAttention-2 (forward and backward) for the ``cpu`` backend: torch.ops.fastattn.cpu_attention_*.
 //
 // Layout: flash (B, L, H, D), any strides with a contiguous head dim; lse (B, H, Lq) fp32,
-// natural log. Tile GEMMs are fp32 BLAS sgemm calls (MKL in torch's x86 wheels, the
-// library under torch's own CPU flash kernel); fp16 / bf16 tiles are converted to fp32 first,
+// natural log. Forward tile GEMMs: fp32, register-blocked (attention_gemm.h) on K^T / V packed
+// once per (batch, kv head); backward tile GEMMs: fp32 BLAS sgemm calls (MKL in torch's x86
+// wheels; the panel kernel measured no faster there). fp16 / bf16 are converted to fp32 first,
 // so probabilities and dS are never rounded to the input dtype. Softmax and exp are vectorized with
 // at::vec::Vectorized (exp_u20).
 //
@@ -33,6 +34,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/attention_gemm.h"
 #include "cpu/attention_philox.h"
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -216,6 +218,24 @@ inline float vec_exp_sum(float* x, int64_t n, float mult, float sub) {
   return sum;
 }
 
+// Backward without dropout / softcap, one pass: s[c] = P = exp(s[c] * mult - lse);
+// dp[c] = dS * scale = P * (dp[c] - delta) * scale.
+inline void probs_and_dscores(float* s, float* dp, int64_t n, float mult, float lse, float delta, float scale) {
+  const Vec vm(mult), vl(lse), vd(delta), vs(scale);
+  for (int64_t c = 0; c < n; c += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - c);
+    const Vec e = at::vec::fmsub(Vec::loadu(s + c, count), vm, vl).exp_u20();
+    const Vec ds = e * (Vec::loadu(dp + c, count) - vd) * vs;
+    if (count == Vec::size()) {
+      e.store(s + c);
+      ds.store(dp + c);
+    } else {
+      e.store(s + c, count);
+      ds.store(dp + c, count);
+    }
+  }
+}
+
 inline void vec_scale(float* x, int64_t n, float factor) {
   const Vec f(factor);
   int64_t c = 0;
@@ -244,28 +264,44 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
   const int64_t D = p.dim, H = p.heads, group = p.heads / p.heads_kv;
   const int64_t BM = kFwdBlockM, BN = kFwdBlockN;
   const int64_t q_blocks = (p.lq + BM - 1) / BM;
+  static_assert(kFwdBlockN % kPanelWidth == 0, "key blocks start on a panel");
+
+  // K^T and V of every (batch, kv head) packed once as fp32 GEMM panels (O(L) memory, read by
+  // every query block): kt (D x Lk) panels of keys, then v (Lk x D) panels of head dims.
+  const int64_t W = kPanelWidth, key_panels = (p.lk + W - 1) / W, dim_panels = (D + W - 1) / W;
+  const int64_t kt_size = key_panels * D * W, v_panel_stride = p.lk * W;
+  const int64_t head_size = kt_size + dim_panels * v_panel_stride;
+  at::Tensor packed = at::empty({p.batch * p.heads_kv, head_size}, q.options().dtype(at::kFloat));
+  float* packed_ptr = packed.data_ptr<float>();  // (B * Hkv, head_size)
+  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.heads_kv, hk = bh % p.heads_kv;
+      float* head = packed_ptr + bh * head_size;
+      pack_panels_transposed(k_ptr + b * sk.b + hk * sk.h, p.lk, D, sk.l, head, D * W);
+      pack_panels(v_ptr + b * sv.b + hk * sv.h, p.lk, D, sv.l, head + kt_size, v_panel_stride);
+    }
+  });
 
   at::parallel_for(0, p.batch * H * q_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(BM * BN), acc(BM * D), row_max(BM), row_sum(BM);  // S, O, m, l
-    // fp32 copies of fp16 / bf16 tiles
-    std::vector<float> q_buf(kFloat ? 0 : BM * D), k_buf(kFloat ? 0 : BN * D), v_buf(kFloat ? 0 : BN * D);
+    std::vector<float> q_buf(kFloat ? 0 : BM * D);  // fp32 copy of an fp16 / bf16 q tile
     std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks, h = (task / q_blocks) % H, b = task / (q_blocks * H);
       const int64_t hk = h / group;
       const int64_t i0 = qb * BM, m = std::min(BM, p.lq - i0);
-      int64_t ldq, ldk, ldv;
+      int64_t ldq;
       const float* q_tile = tile_fp32(q_ptr + b * sq.b + i0 * sq.l + h * sq.h, m, sq.l, D, q_buf.data(), ldq);
-      const scalar_t* k_head = k_ptr + b * sk.b + hk * sk.h;
-      const scalar_t* v_head = v_ptr + b * sv.b + hk * sv.h;
+      const float* kt_head = packed_ptr + (b * p.heads_kv + hk) * head_size;
+      const float* v_head = kt_head + kt_size;
       std::fill(acc.begin(), acc.begin() + m * D, 0.f);
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      const int64_t j_begin = p.lo(i0), j_end = p.hi(i0 + m - 1);
+      // Key blocks start on a panel; prepare_scores hides the keys before lo(i).
+      const int64_t j_begin = p.lo(i0) / W * W, j_end = p.hi(i0 + m - 1);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
         const int64_t n = std::min(BN, j_end - j0);
-        const float* k_tile = tile_fp32(k_head + j0 * sk.l, n, sk.l, D, k_buf.data(), ldk);
-        gemm_rm(false, true, m, n, D, 1.f, q_tile, ldq, k_tile, ldk, 0.f, scores.data(), BN);
+        panel_gemm(m, n, D, q_tile, ldq, 1, {kt_head + j0 / W * D * W, D * W}, scores.data(), BN, false);
         if (p.dropout())
           dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
                             keep.data(), BN);
@@ -288,8 +324,7 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
             for (int64_t c = 0; c < n; ++c) s[c] = kr[c] ? s[c] * inv_keep : 0.f;
           }
         }
-        const float* v_tile = tile_fp32(v_head + j0 * sv.l, n, sv.l, D, v_buf.data(), ldv);
-        gemm_rm(false, false, m, D, n, 1.f, scores.data(), BN, v_tile, ldv, 1.f, acc.data(), D);
+        panel_gemm(m, D, n, scores.data(), BN, 1, {v_head + j0 * W, v_panel_stride}, acc.data(), D, true);
       }
       for (int64_t r = 0; r < m; ++r) {
         const int64_t i = i0 + r;
@@ -391,8 +426,12 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
               float* dp = dprobs.data() + r * BN;  // -> dS * scale
               const float mult = prepare_scores(p, b, h, i, j0, n, s, p.softcap > 0.f ? dcap.data() : nullptr);
               const float lse_i = lse_row[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse_row[i];
-              vec_exp_sum(s, n, mult, lse_i);
               const float delta_i = delta_row[i];
+              if (!p.dropout() && p.softcap == 0.f) {  // the common case in one pass
+                probs_and_dscores(s, dp, n, mult, lse_i, delta_i, p.scale);
+                continue;
+              }
+              vec_exp_sum(s, n, mult, lse_i);
               if (p.dropout()) {
                 const uint8_t* kr = keep.data() + r * BN;
                 for (int64_t c = 0; c < n; ++c) {

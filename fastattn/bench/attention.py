@@ -44,6 +44,8 @@ class AttentionCase:
     causal: bool
     dtype: torch.dtype
     modes: tuple[str, ...] = MODES
+    #: Appended to the variant: a fixed-shape case outside the sweep gets series of its own.
+    tag: str = ""
 
     @property
     def x(self) -> int:
@@ -51,7 +53,7 @@ class AttentionCase:
 
     @property
     def variant(self) -> str:
-        return "causal" if self.causal else "non-causal"
+        return ("causal" if self.causal else "non-causal") + (f" {self.tag}" if self.tag else "")
 
     @property
     def label(self) -> str:
@@ -90,11 +92,19 @@ def cases(preset: str, device: torch.device, dtype: Optional[torch.dtype] = None
     else:
         heads, head_dim, tokens = 4, 64, 512
         seqlens = (128, 256, 512) if preset == "quick" else (128, 256, 512, 1024)
-    return [
+    sweep = [
         AttentionCase(max(1, tokens // seqlen), heads, seqlen, head_dim, causal, dtype)
         for causal in (False, True)
         for seqlen in seqlens
     ]
+    if device.type == "cuda":
+        return sweep
+    # The CPU backend's targets (issue 10): B4 H8 L1024 D64 forward+backward, both masks, and
+    # forward-only at L4096.
+    targets = [AttentionCase(4, 8, 1024, 64, causal, dtype, modes=("forward+backward",), tag="B4 H8 D64")
+               for causal in (False, True)]
+    targets.append(AttentionCase(1, 8, 4096, 64, False, dtype, modes=("forward",), tag="B1 H8 D64"))
+    return sweep + targets
 
 
 def make_problem(case: AttentionCase, device: torch.device) -> Problem:

@@ -6,8 +6,9 @@ matrix never formed; lse (B, H, Lq) fp32 saved. Backward: delta = rowsum(dO * O)
 task per (batch, kv head, key split) recomputes P per tile, owns its dK / dV (summed over the
 kv head's query heads: GQA / MQA without k/v copies) and accumulates dQ into its split's fp32
 buffer; splits are summed in a fixed order, so the backward is deterministic by construction
-whatever ``options.deterministic`` says. Tile GEMMs: ``at::native::cpublas::gemm`` (MKL /
-oneDNN); fp16 / bf16 operands stay in their dtype with fp32 outputs.
+whatever ``options.deterministic`` says. Tile GEMMs: forward, fp32 register-blocked kernels
+(csrc/cpu/attention_gemm.h) on K^T / V packed once per (batch, kv head) (O(L) scratch); backward,
+BLAS sgemm. fp16 / bf16 operands are converted to fp32 first.
 
 Masks (causal in both alignments, sliding window, key_padding_mask, bool / float attn_mask
 read through their strides, ALiBi, softcap) are applied per tile; key tiles a query block
