@@ -205,16 +205,17 @@ def select(op: str, inputs, options, backend: Optional[str] = None) -> Backend:
                 f"backend {name!r} cannot run {op} for these inputs: " + "; ".join(reasons)
             )
         return chosen
-    rejected = []
+    rejected = []  # (name, reasons), worded only when no backend serves (selection runs per call)
     for candidate in _BACKENDS.values():
         if not candidate.auto:
-            rejected.append(f"{candidate.name}: only used when asked for (not verified on hardware)")
+            rejected.append((candidate.name, ["only used when asked for (not verified on hardware)"]))
             continue
         reasons = candidate.not_supported_reasons(op, inputs, options)
         if not reasons:
             return candidate
-        rejected.append(f"{candidate.name}: " + "; ".join(reasons))
-    raise BackendNotSupportedError(f"no backend can run {op} for these inputs:\n  " + "\n  ".join(rejected))
+        rejected.append((candidate.name, reasons))
+    lines = [f"{name}: " + "; ".join(reasons) for name, reasons in rejected]
+    raise BackendNotSupportedError(f"no backend can run {op} for these inputs:\n  " + "\n  ".join(lines))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,9 @@ nothing. Threads follow ``torch.get_num_threads()`` (ATen's ``at::parallel_for``
 
 from __future__ import annotations
 
+#: Set once the extension is loaded: ensure_loaded runs on every kernel call.
+_loaded = False
+
 
 def availability_reasons() -> list[str]:
     """Why the cpu backend cannot run here (empty: it can). The extension is built/loaded once
@@ -24,8 +27,12 @@ def availability_reasons() -> list[str]:
 
 def ensure_loaded() -> None:
     """Loads the CPU extension (building it if needed) or raises RuntimeError with the reason."""
+    global _loaded
+    if _loaded:
+        return
     from fastattn import _build
 
     failure = _build.load_cpu_extension()
     if failure is not None:
         raise RuntimeError(f"the fastattn CPU extension is unavailable: {failure}")
+    _loaded = True

@@ -7,7 +7,8 @@ is switched off, so backends see exactly the dtypes they were validated for.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Optional, Union
 
 import torch
 
@@ -27,6 +28,10 @@ def cast_for_autocast(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtyp
     return tensor.to(dtype)
 
 
-def autocast_off(device: torch.device) -> torch.autocast:
+def autocast_off(device: torch.device) -> Union[torch.autocast, contextlib.nullcontext]:
+    """A context that switches autocast off for ``device`` (a no-op context when it is off:
+    entering ``torch.autocast`` costs a few microseconds per call)."""
     device_type = device.type if device.type in ("cpu", "cuda") else "cpu"
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)

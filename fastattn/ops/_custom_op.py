@@ -23,16 +23,26 @@ call, forward and backward, with no graph break. A schema carries only tensors a
   Eager code skips the op and makes the same draw directly.)
 - The chosen backend (its index in ``registered_names()``) and the RngState leave the forward op
   as one int64 CPU tensor, the *call state* ``(backend, seed, offset)``, saved for backward.
+
+Plain eager calls skip the dispatcher (:class:`OpPair`): its Python round trips through a custom
+op and its registered autograd cost about 140 us per forward + backward on a CPU, as much as a
+small kernel. They run the same forward body, setup_context and backward rule through a
+``torch.autograd.Function`` instead, the backward body called directly; whatever traces
+(torch.compile, torch.export, fake / functional tensors, tensor subclasses, functorch
+transforms, ``torch.jit.trace``) still sees the custom ops.
 """
 
 from __future__ import annotations
 
+import array
 import ast
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
+from torch.utils._device import DeviceContext
 
 from fastattn.backends import Backend, get_backend, registered_names, select
 from fastattn.ops._amp import autocast_off
@@ -103,9 +113,10 @@ def draw_rng(dropout_p: float) -> Optional[torch.Tensor]:
 
 
 def call_state(backend: Backend, rng: Optional[RngState]) -> torch.Tensor:
-    """(3,) int64 on the CPU: backend index, dropout seed, offset (0, 0 without dropout)."""
+    """(3,) int64 on the CPU: backend index, dropout seed, offset (0, 0 without dropout).
+    Built over an int64 array (``torch.tensor`` of a list costs several times more per call)."""
     seed, offset = (rng.seed, rng.offset) if rng is not None else (0, 0)
-    return torch.tensor([registered_names().index(backend.name), seed, offset], dtype=torch.int64)
+    return torch.frombuffer(array.array("q", (registered_names().index(backend.name), seed, offset)), dtype=torch.int64)
 
 
 def call_state_fake() -> torch.Tensor:
@@ -155,11 +166,13 @@ def stand_in(shape: Sequence[int], dtype: Optional[torch.dtype], device: torch.d
     return torch.empty(1, dtype=dtype, device=device).expand(shape)
 
 
-def finalize(outputs: Sequence[torch.Tensor], inputs: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    """Contiguous outputs (what the fake functions promise) that alias no input and no other
-    output, as custom ops require: a backend may hand back a view, or one tensor twice (the
-    reference norm's dx and dresidual without dropout), which is then copied."""
-    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel() > 0}
+def finalize(outputs: Sequence[torch.Tensor], inputs: Sequence) -> tuple[torch.Tensor, ...]:
+    """Contiguous outputs (what the fake functions promise) that alias no input (tensors among
+    ``inputs``) and no other output, as custom ops require: a backend may hand back a view, or
+    one tensor twice (the norms' dx and dresidual without dropout), which is then copied.
+    Only the custom ops need this: the eager path returns what the body returned (autograd
+    handles shared and aliased outputs, as for torch's own ``x + residual``)."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel() > 0}
     result = []
     for t in outputs:
         t = t.contiguous()
@@ -169,3 +182,105 @@ def finalize(outputs: Sequence[torch.Tensor], inputs: Sequence[Optional[torch.Te
             taken.add(t.untyped_storage().data_ptr())
         result.append(t)
     return tuple(result)
+
+
+# --------------------------------------------------------------------------------------------
+# Op pairs: the two custom ops of an op, and their eager stand-in
+# --------------------------------------------------------------------------------------------
+#: Exact types that take the eager path; subclasses (FakeTensor, FunctionalTensor, DTensor, a
+#: user's) take the custom op, which they know how to trace or dispatch.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _only_device_modes() -> bool:
+    """No torch-function mode but ``torch.set_default_device`` / ``with device:`` contexts
+    (export's non-strict tracer and user modes must see the custom op)."""
+    return all(isinstance(mode, DeviceContext) for mode in torch.overrides._get_current_function_mode_stack())
+
+
+def is_plain_eager(args: Sequence) -> bool:
+    """True when a call with these arguments runs in plain eager code: nothing is compiling,
+    exporting or tracing it (dynamo, jit.trace), no dispatch mode (fake, functional, proxy,
+    FlopCounter) or functorch transform is active, and every tensor is a plain tensor or
+    Parameter. Only then may the custom op be skipped."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._get_tracing_state() is not None
+        or (torch._C._is_torch_function_mode_enabled() and not _only_device_modes())
+    ):
+        return False
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+def _finalized(body: Callable) -> Callable:
+    """The custom op's function: ``body`` with :func:`finalize` on its outputs (same
+    signature, from which the schema is inferred)."""
+
+    @functools.wraps(body)
+    def op(*args):
+        return finalize(body(*args), args)
+
+    return op
+
+
+class OpPair:
+    """An op's forward and backward custom ops, joined by ``register_autograd``; calling the
+    pair calls the forward op, or in plain eager code (:func:`is_plain_eager`) runs the same
+    bodies through :class:`_EagerCall`, bit for bit the same results.
+
+    Arguments:
+        forward_name, backward_name: the ops' qualified names ("fastattn::...").
+        forward_body, backward_body: the ops' implementations (annotated: the schema is
+            inferred from them).
+        setup_context: ``(ctx, inputs, output)`` as for ``register_autograd``.
+        backward_rule: ``(ctx, backward, *grads) -> grads of the forward's inputs``; it calls
+            ``backward`` (the backward op, or its body on the eager path) for the gradients.
+    """
+
+    def __init__(
+        self,
+        forward_name: str,
+        forward_body: Callable,
+        backward_name: str,
+        backward_body: Callable,
+        *,
+        setup_context: Callable,
+        backward_rule: Callable,
+    ) -> None:
+        self.forward_op = torch.library.custom_op(forward_name, _finalized(forward_body), mutates_args=())
+        self.backward_op = torch.library.custom_op(backward_name, _finalized(backward_body), mutates_args=())
+        self.forward_body, self.backward_body = forward_body, backward_body
+        self.setup_context, self.backward_rule = setup_context, backward_rule
+        self.forward_op.register_autograd(self._backward_with_op, setup_context=setup_context)
+
+    def _backward_with_op(self, ctx, *grads):
+        return self.backward_rule(ctx, self.backward_op, *grads)
+
+    def __call__(self, *args):
+        if is_plain_eager(args):
+            return _EagerCall.apply(self, *args)
+        return self.forward_op(*args)
+
+
+class _EagerCall(torch.autograd.Function):
+    """An :class:`OpPair`'s custom ops without the dispatcher: the forward body, then the
+    pair's own setup_context and backward rule (calling the backward body). Like the backward
+    op, which has no autograd formula, the backward is not differentiable. (The forward takes
+    ctx itself: with a separate ``setup_context``, ``Function.apply`` binds the arguments
+    through ``inspect.signature`` on every call, ~20 us.)"""
+
+    @staticmethod
+    def forward(ctx, pair: OpPair, *args):
+        output = pair.forward_body(*args)
+        ctx.pair = pair
+        pair.setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        pair = ctx.pair
+        return (None, *pair.backward_rule(ctx, pair.backward_body, *grads))

@@ -182,7 +182,6 @@ def _check_offsets(name: str, offsets: list[int], total: int) -> None:
 # --------------------------------------------------------------------------------------------
 # The one autograd layer, shared by every backend: two custom ops
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastattn::flash_attn_forward", mutates_args=())
 def _attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -206,11 +205,9 @@ def _attention_forward(
     tensors = (q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
     inputs = AttentionInputs(*tensors, max_seqlen_q, max_seqlen_k)
     (out, lse), _, state = _custom_op.run_forward("attention", inputs, AttentionOptions, options, backend, rng)
-    out, lse = _custom_op.finalize((out, lse), tensors)
     return out, lse, state
 
 
-@_attention_forward.register_fake
 def _attention_forward_fake(q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                             max_seqlen_q, max_seqlen_k, options, backend, rng):
     if cu_seqlens_q is not None:  # varlen: q (total_q, H, D), lse (H, total_q)
@@ -221,7 +218,6 @@ def _attention_forward_fake(q, k, v, key_padding_mask, attn_mask, alibi_slopes, 
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32), _custom_op.call_state_fake()
 
 
-@torch.library.custom_op("fastattn::flash_attn_backward", mutates_args=())
 def _attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -245,10 +241,9 @@ def _attention_backward(
     inputs = AttentionInputs(*tensors, max_seqlen_q, max_seqlen_k)
     opts = _custom_op.decode_options(AttentionOptions, options)
     grads = _custom_op.run_backward("attention", state, inputs, opts, dout.contiguous(), out, lse)
-    return _custom_op.finalize(grads, (dout, *tensors, out, lse))
+    return grads
 
 
-@_attention_backward.register_fake
 def _attention_backward_fake(dout, q, k, v, key_padding_mask, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, max_seqlen_k, out, lse, state, options):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -268,15 +263,20 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _attention_backward_rule(ctx, dout, _dlse, _dstate):
+def _attention_backward_rule(ctx, backward, dout, _dlse, _dstate):
     *tensors, out, lse, state = ctx.saved_tensors
     if dout is None:  # out took no part in the loss
         return (None,) * _NUM_FORWARD_ARGS
-    dq, dk, dv = _attention_backward(dout, *tensors, *ctx.max_seqlens, out, lse, state, ctx.options)
+    dq, dk, dv = backward(dout, *tensors, *ctx.max_seqlens, out, lse, state, ctx.options)
     return (dq, dk, dv) + (None,) * (_NUM_FORWARD_ARGS - 3)
 
 
-_attention_forward.register_autograd(_attention_backward_rule, setup_context=_attention_setup_context)
+_ATTENTION = _custom_op.OpPair(
+    "fastattn::flash_attn_forward", _attention_forward, "fastattn::flash_attn_backward", _attention_backward,
+    setup_context=_attention_setup_context, backward_rule=_attention_backward_rule,
+)
+_ATTENTION.forward_op.register_fake(_attention_forward_fake)
+_ATTENTION.backward_op.register_fake(_attention_backward_fake)
 
 
 def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str]):
@@ -290,7 +290,7 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
             v=cast_for_autocast(inputs.v, amp),
             attn_mask=mask if mask is None or mask.dtype in (torch.bool, torch.float32) else mask.to(amp),
         )
-    out, lse, _state = _attention_forward(
+    out, lse, _state = _ATTENTION(
         inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, inputs.alibi_slopes,
         inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.max_seqlen_q, inputs.max_seqlen_k,
         _custom_op.encode_options(options), _custom_op.backend_request(backend),

@@ -63,7 +63,6 @@ def _validate(x, w1, b1, w2, b2, activation: str) -> FeedForwardInputs:
 # --------------------------------------------------------------------------------------------
 # The one autograd layer, shared by every backend: two custom ops
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastattn::ffn_forward", mutates_args=())
 def _ffn_forward(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -80,11 +79,9 @@ def _ffn_forward(
     in x's dtype (z: a (0,) placeholder with ``recompute``); the call state (3,) int64 CPU."""
     inputs = FeedForwardInputs(x, w1, b1, w2, b2)
     (y, z), _, state = _custom_op.run_forward("ffn", inputs, FeedForwardOptions, options, backend, rng)
-    y, z = _custom_op.finalize((y, _custom_op.absent(x) if z is None else z), (x, w1, b1, w2, b2))
-    return y, z, state
+    return y, _custom_op.absent(x) if z is None else z, state
 
 
-@_ffn_forward.register_fake
 def _ffn_forward_fake(x, w1, b1, w2, b2, options, backend, rng):
     recompute = _custom_op.decode_options(FeedForwardOptions, options).recompute
     m = x.shape[0]
@@ -92,7 +89,6 @@ def _ffn_forward_fake(x, w1, b1, w2, b2, options, backend, rng):
     return x.new_empty((m, w2.shape[0])), z, _custom_op.call_state_fake()
 
 
-@torch.library.custom_op("fastattn::ffn_backward", mutates_args=())
 def _ffn_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -109,11 +105,9 @@ def _ffn_backward(
     inputs = FeedForwardInputs(x, w1, b1, w2, b2)
     opts = _custom_op.decode_options(FeedForwardOptions, options)
     g = _custom_op.run_backward("ffn", state, inputs, opts, dy.contiguous(), None if opts.recompute else z)
-    outputs = tuple(_custom_op.absent(x) if t is None else t for t in (g.dx, g.dw1, g.db1, g.dw2, g.db2))
-    return _custom_op.finalize(outputs, (dy, x, w1, b1, w2, b2, z))
+    return tuple(_custom_op.absent(x) if t is None else t for t in (g.dx, g.dw1, g.db1, g.dw2, g.db2))
 
 
-@_ffn_backward.register_fake
 def _ffn_backward_fake(dy, x, w1, b1, w2, b2, z, state, options):
     return tuple(
         x.new_empty((0,)) if t is None else t.new_empty(t.shape) for t in (x, w1, b1, w2, b2)
@@ -129,15 +123,20 @@ def _ffn_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _ffn_backward_rule(ctx, dy, _dz, _dstate):
+def _ffn_backward_rule(ctx, backward, dy, _dz, _dstate):
     x, w1, b1, w2, b2, z, state = ctx.saved_tensors
     if dy is None:
         return None, None, None, None, None, None, None, None
-    dx, dw1, db1, dw2, db2 = _ffn_backward(dy, x, w1, b1, w2, b2, z, state, ctx.options)
+    dx, dw1, db1, dw2, db2 = backward(dy, x, w1, b1, w2, b2, z, state, ctx.options)
     return dx, dw1, None if b1 is None else db1, dw2, None if b2 is None else db2, None, None, None
 
 
-_ffn_forward.register_autograd(_ffn_backward_rule, setup_context=_ffn_setup_context)
+_FFN = _custom_op.OpPair(
+    "fastattn::ffn_forward", _ffn_forward, "fastattn::ffn_backward", _ffn_backward,
+    setup_context=_ffn_setup_context, backward_rule=_ffn_backward_rule,
+)
+_FFN.forward_op.register_fake(_ffn_forward_fake)
+_FFN.backward_op.register_fake(_ffn_backward_fake)
 
 
 def feed_forward(
@@ -182,7 +181,7 @@ def feed_forward(
         recompute=recompute,
         allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
     )
-    y, _z, _state = _ffn_forward(
+    y, _z, _state = _FFN(
         inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2,
         _custom_op.encode_options(options), _custom_op.backend_request(backend),
         _custom_op.draw_rng(options.dropout_p),

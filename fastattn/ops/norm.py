@@ -68,7 +68,6 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastattn::add_norm_forward", mutates_args=())
 def _norm_forward(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],
@@ -87,11 +86,9 @@ def _norm_forward(
     result, opts, state = _custom_op.run_forward("norm", inputs, NormOptions, options, backend, rng)
     h = _custom_op.absent(x) if _h_is_x(x, residual, opts) else result.h
     mean = _custom_op.absent(x, torch.float32) if result.mean is None else result.mean
-    outputs = _custom_op.finalize((result.y, h, mean, result.rstd), (x, residual, weight, bias))
-    return (*outputs, state)
+    return result.y, h, mean, result.rstd, state
 
 
-@_norm_forward.register_fake
 def _norm_forward_fake(x, residual, weight, bias, options, backend, rng):
     opts = _custom_op.decode_options(NormOptions, options)
     m, n = x.shape
@@ -102,7 +99,6 @@ def _norm_forward_fake(x, residual, weight, bias, options, backend, rng):
     return x.new_empty((m, n)), h, mean, x.new_empty((m,), dtype=stats), _custom_op.call_state_fake()
 
 
-@torch.library.custom_op("fastattn::add_norm_backward", mutates_args=())
 def _norm_backward(
     dy: torch.Tensor,
     dh: Optional[torch.Tensor],
@@ -130,13 +126,11 @@ def _norm_backward(
         "norm", state, inputs, opts, dy.contiguous(), None if dh is None else dh.contiguous(),
         h, mean if opts.kind == "layer" else None, rstd,
     )
-    outputs = tuple(
+    return tuple(
         _custom_op.absent(dy) if g is None else g for g in (grads.dx, grads.dresidual, grads.dweight, grads.dbias)
     )
-    return _custom_op.finalize(outputs, (dy, dh, h, weight, bias, mean, rstd))
 
 
-@_norm_backward.register_fake
 def _norm_backward_fake(dy, dh, h, weight, bias, mean, rstd, state, x_dtype, residual_dtype, options):
     n = h.shape[-1]
     return (
@@ -158,13 +152,13 @@ def _norm_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _norm_backward_rule(ctx, dy, dh, _dmean, _drstd, _dstate):
+def _norm_backward_rule(ctx, backward, dy, dh, _dmean, _drstd, _dstate):
     h, weight, bias, mean, rstd, state = ctx.saved_tensors
     if dy is None and dh is None:
         return None, None, None, None, None, None, None
     if dy is None:  # only h took part in the loss (prenorm)
         dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
-    dx, dresidual, dweight, dbias = _norm_backward(
+    dx, dresidual, dweight, dbias = backward(
         dy, dh, h, weight, bias, mean, rstd, state, ctx.x_dtype, ctx.residual_dtype, ctx.options
     )
     return (
@@ -178,12 +172,17 @@ def _norm_backward_rule(ctx, dy, dh, _dmean, _drstd, _dstate):
     )
 
 
-_norm_forward.register_autograd(_norm_backward_rule, setup_context=_norm_setup_context)
+_NORM = _custom_op.OpPair(
+    "fastattn::add_norm_forward", _norm_forward, "fastattn::add_norm_backward", _norm_backward,
+    setup_context=_norm_setup_context, backward_rule=_norm_backward_rule,
+)
+_NORM.forward_op.register_fake(_norm_forward_fake)
+_NORM.backward_op.register_fake(_norm_backward_fake)
 
 
 def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str]) -> Tensors:
     inputs = _validate(x, residual, weight, bias)
-    y, h, _mean, _rstd, _state = _norm_forward(
+    y, h, _mean, _rstd, _state = _NORM(
         inputs.x, inputs.residual, weight, bias,
         _custom_op.encode_options(options), _custom_op.backend_request(backend),
         _custom_op.draw_rng(options.dropout_p),

@@ -1,0 +1,152 @@
+"""The eager fast path (fastattn/ops/_custom_op.py ``OpPair``): plain eager calls skip the
+custom ops' dispatch and run the same bodies through a ``torch.autograd.Function``. It must give
+bit-identical outputs and gradients to the custom-op path, dropout masks included (the same
+seed draws), on every backend that runs here, and anything that traces must still see the
+custom ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastattn
+from fastattn.backends import backends
+from fastattn.ops import _custom_op
+
+_AVAILABLE = {b.name for b in backends() if b.available}
+#: (backend, dtype) pairs that run on this machine (the cpu backend runs fp16 / bf16 / fp32).
+CASES = [
+    (name, dtype) for name, dtypes in (("reference", (torch.float32, torch.float64)), ("cpu", (torch.float32,)))
+    if name in _AVAILABLE for dtype in dtypes
+]
+
+
+class _Passthrough(TorchFunctionMode):
+    """A torch-function mode that changes nothing but is not a device context: calls inside
+    it take the custom ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchPassthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(dtype):
+    """Leaves for one call of each op: attention (B, L, H, D) with GQA and a padding mask,
+    norm (B, L, C) with a residual, FFN weights (swiglu)."""
+    b, lq, lk, h, hkv, d, c, ff = 2, 7, 9, 4, 2, 16, 24, 20
+    g = torch.Generator().manual_seed(3)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    key_padding_mask = torch.rand(b, lk, generator=g) > 0.2
+    return dict(
+        q=randn(b, lq, h, d), k=randn(b, lk, hkv, d), v=randn(b, lk, hkv, d), key_padding_mask=key_padding_mask,
+        x=randn(b, lq, c), residual=randn(b, lq, c), weight=randn(c), bias=randn(c),
+        w1=randn(2 * ff, c), b1=randn(2 * ff), w2=randn(c, ff), b2=randn(c),
+    )
+
+
+def _calls(t, backend):
+    """Each op with dropout, as (output, its grad_fn's name)."""
+    attn = fastattn.flash_attention(t["q"], t["k"], t["v"], causal=True, key_padding_mask=t["key_padding_mask"],
+                                    dropout_p=0.3, backend=backend)
+    sdpa = fastattn.scaled_dot_product_attention(
+        t["q"].transpose(1, 2), t["k"].transpose(1, 2), t["v"].transpose(1, 2), dropout_p=0.2, is_causal=True,
+        enable_gqa=True, backend=backend,
+    ).transpose(1, 2)
+    y, h = fastattn.add_layer_norm(t["x"], t["residual"], t["weight"], t["bias"], dropout_p=0.25, prenorm=True,
+                                   backend=backend)
+    rms = fastattn.rms_norm(t["x"], None, t["weight"], backend=backend)  # h is x: no residual, no dropout
+    ffn = fastattn.feed_forward(y, t["w1"], t["b1"], t["w2"], t["b2"], activation="swiglu", dropout_p=0.2,
+                                backend=backend)
+    return [attn, sdpa, y, h, rms, ffn]
+
+
+def _run(dtype, backend, mode=None):
+    tensors = _inputs(dtype)
+    torch.manual_seed(11)
+    if mode is None:
+        outs = _calls(tensors, backend)
+    else:
+        with mode:
+            outs = _calls(tensors, backend)
+    loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum() for o in outs)
+    loss.backward()
+    grads = {name: t.grad for name, t in tensors.items() if t.requires_grad}
+    return outs, grads
+
+
+def _op_nodes(outs):
+    return {type(o.grad_fn).__name__ for o in outs} | {
+        type(fn).__name__ for o in outs for fn, _ in (o.grad_fn.next_functions if o.grad_fn else ())
+        if fn is not None
+    }
+
+
+@pytest.mark.parametrize(("backend", "dtype"), CASES)
+def test_eager_path_is_bit_identical_to_the_custom_ops(backend, dtype):
+    eager_outs, eager_grads = _run(dtype, backend)
+    op_outs, op_grads = _run(dtype, backend, mode=_Passthrough())
+    assert "_EagerCallBackward" in _op_nodes(eager_outs)
+    assert "_EagerCallBackward" not in _op_nodes(op_outs), "the custom ops must run under a torch-function mode"
+    for i, (e, o) in enumerate(zip(eager_outs, op_outs, strict=True)):
+        assert torch.equal(e, o), f"output {i} differs"
+    for name in eager_grads:
+        assert torch.equal(eager_grads[name], op_grads[name]), f"grad of {name} differs"
+
+
+def test_dropout_masks_follow_the_seed_on_the_eager_path():
+    tensors = _inputs(torch.float32)
+    torch.manual_seed(5)
+    first = _calls(tensors, None)
+    torch.manual_seed(5)
+    again = _calls(tensors, None)
+    other = _calls(tensors, None)  # the generator moved on: new draws
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_tracing_contexts_take_the_custom_ops():
+    x = torch.randn(3, 8)
+    args = (x, None, None, None, "", "", None)
+    assert _custom_op.is_plain_eager(args)
+    with torch.device("cpu"):  # a device context is not tracing
+        assert _custom_op.is_plain_eager(args)
+    with _Passthrough():
+        assert not _custom_op.is_plain_eager(args)
+    with _DispatchPassthrough():
+        assert not _custom_op.is_plain_eager(args)
+    with torch._subclasses.FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(x)
+    assert not _custom_op.is_plain_eager((fake,)), "a tensor subclass takes the custom op"
+    seen = []
+    torch.func.vmap(lambda t: seen.append(_custom_op.is_plain_eager((t,))) or t)(x)
+    assert seen == [False]
+
+    def compiled_probe(t):
+        seen.append(_custom_op.is_plain_eager((t,)))
+        return t + 1
+
+    torch.compile(compiled_probe, backend="eager", fullgraph=False)(x)
+    assert seen[-1] is False
+
+
+def test_eager_backward_is_not_differentiable_like_the_backward_op():
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    y = fastattn.add_layer_norm(x, None, None, None)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+    with _Passthrough():
+        y = fastattn.add_layer_norm(x, None, None, None)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.sum().backward()
