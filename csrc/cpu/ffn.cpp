@@ -94,16 +94,27 @@ struct EpilogueArgs {
   DropoutRng rng;
 };
 
+// Rows of y (rows, d_out) the forward pass sets to b2, for the in-place addmm y += a @ w2^T:
+// the broadcast is not a separate parallel pass (addmm's copy of b2 into its output).
+template <typename T>
+struct OutputInit {
+  T* y = nullptr;         // (rows, d_out) contiguous, or null
+  const T* b2 = nullptr;  // (d_out,) contiguous
+  int64_t d_out = 0;
+};
+
 // Forward pass over rows of z (rows, d_hidden): z += bias (written back when write_z), a = act(z)
 // * keep. a may alias z (then write_z is false): every element is read before it is written.
 template <typename T, Act A>
-void forward_epilogue(const EpilogueArgs& e, T* z, int64_t ldz, T* a, int64_t lda, bool write_z) {
+void forward_epilogue(const EpilogueArgs& e, T* z, int64_t ldz, T* a, int64_t lda, bool write_z,
+                      const OutputInit<T>& init) {
   const int64_t f = e.f;
   const RowBlocks blocks(e.rows);
   at::parallel_for(0, blocks.count, blocks.grain(e.f), [&](int64_t b0, int64_t b1) {
     std::vector<float> keep(e.rng.enabled ? f : 0);
     for (int64_t i = blocks.begin(b0); i < blocks.end(b1 - 1); ++i) {
       if (e.rng.enabled) ffn_dropout_row(e.rng, i, f, keep.data());
+      if (init.y) std::memcpy(init.y + i * init.d_out, init.b2, init.d_out * sizeof(T));
       T* zr = z + i * ldz;
       T* ar = a + i * lda;
       for_each_vec(f, [&](int64_t j, int64_t c) {
@@ -268,14 +279,24 @@ std::tuple<at::Tensor, at::Tensor> cpu_ffn_fwd(const at::Tensor& x, const at::Te
   e.f = s.d_ff;
   e.bias = bias.empty() ? nullptr : bias.data();
   e.rng = DropoutRng(dropout_p, seed, offset);
+  at::Tensor y = at::empty({s.rows, s.d_out}, x.options());
+  const at::Tensor b2_contiguous = b2.has_value() ? b2->contiguous() : at::Tensor();
   dispatch_float_types(x.scalar_type(), "cpu_ffn_fwd", [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
+    OutputInit<scalar_t> init;
+    if (b2.has_value()) init = {y.data_ptr<scalar_t>(), b2_contiguous.data_ptr<scalar_t>(), s.d_out};
     dispatch_activation(act, [&](auto tag) {
       forward_epilogue<scalar_t, decltype(tag)::value>(e, z.data_ptr<scalar_t>(), z.stride(0), a.data_ptr<scalar_t>(),
-                                                       a.stride(0), save_z);
+                                                       a.stride(0), save_z, init);
     });
   });
-  at::Tensor y = b2.has_value() ? at::addmm(*b2, a, w2.t()) : at::mm(a, w2.t());
+  // y = b2 + a @ w2^T: in place over the rows set to b2 (addmm copies self only when it is not
+  // the output), one rounding for bf16/fp16 as in addmm(b2, a, w2^T).
+  if (b2.has_value()) {
+    y.addmm_(a, w2.t());
+  } else {
+    at::mm_out(y, a, w2.t());
+  }
   return {y, save_z ? z : at::empty({0}, x.options())};
 }
 
