@@ -13,6 +13,10 @@
 // Casting points: GEMMs accumulate in fp32 (oneDNN for bf16/fp16) and round to x's dtype; the
 // bias, activation, dropout and act' run in fp32 and round once when stored.
 // Dropout bits: the Triton backend's (row_kernels.h ffn_dropout_row), regenerated in backward.
+// Workspace: the temporaries no caller sees (forward's a with save_z; backward's da / dz and a_d
+// with a saved z) live in grow-only buffers reused across calls, so they never page-fault again
+// (a fresh 16 MiB buffer: ~4k page faults, several ms on the development machine, more than the
+// pass that fills it). y, z and the gradients stay fresh tensors.
 // Tried and slower on the 2-core development machine (fwd+bwd M2048 d512 F2048 gelu fp32):
 // the GEMMs in row chunks with chunk-sized intermediates (4x the GEMM calls, weight gradients
 // accumulated over chunks), and one buffer for a_d then da (one allocation less, one more
@@ -22,6 +26,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -208,6 +214,73 @@ void backward_epilogue(const EpilogueArgs& e, const T* z, int64_t ldz, const T* 
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Workspace pool. A call takes a Workspace for its duration (concurrent calls get different
+// ones) and gives it back; each slot grows to the largest request up to kMaxSlotBytes (larger
+// requests get a fresh tensor: no unbounded memory). Memory held: at most 2 x kMaxSlotBytes
+// per concurrently running call, until fastattn::cpu_ffn_release_workspace.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kMaxSlotBytes = int64_t{64} << 20;
+
+struct Workspace {
+  at::Tensor slots[2];  // uint8 buffers
+
+  // A (rows, cols) contiguous tensor of `options` over slot `slot` (fresh when too large).
+  at::Tensor matrix(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+    const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
+    if (bytes == 0 || bytes > kMaxSlotBytes) return at::empty({rows, cols}, options);
+    at::Tensor& buffer = slots[slot];
+    if (!buffer.defined() || buffer.numel() < bytes) {
+      buffer = at::Tensor();  // the old buffer goes back before the larger one is taken
+      buffer = at::empty({bytes}, options.dtype(at::kByte));
+    }
+    return at::from_blob(buffer.data_ptr(), {rows, cols}, options);
+  }
+};
+
+class WorkspacePool {
+ public:
+  static WorkspacePool& instance() {
+    static WorkspacePool* pool = new WorkspacePool();  // never destroyed: no exit-order issues
+    return *pool;
+  }
+  std::unique_ptr<Workspace> take() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (idle_.empty()) return std::make_unique<Workspace>();
+    std::unique_ptr<Workspace> w = std::move(idle_.back());
+    idle_.pop_back();
+    return w;
+  }
+  void give_back(std::unique_ptr<Workspace> w) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    idle_.push_back(std::move(w));
+  }
+  void release_idle() {
+    std::vector<std::unique_ptr<Workspace>> idle;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle.swap(idle_);
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Workspace>> idle_;
+};
+
+// A Workspace for the scope of one op call.
+class ScopedWorkspace {
+ public:
+  ScopedWorkspace() : w_(WorkspacePool::instance().take()) {}
+  ~ScopedWorkspace() { WorkspacePool::instance().give_back(std::move(w_)); }
+  ScopedWorkspace(const ScopedWorkspace&) = delete;
+  ScopedWorkspace& operator=(const ScopedWorkspace&) = delete;
+  Workspace* operator->() { return w_.get(); }
+
+ private:
+  std::unique_ptr<Workspace> w_;
+};
+
 template <typename F>
 void dispatch_activation(Act act, const F& f) {
   switch (act) {
@@ -268,9 +341,10 @@ std::tuple<at::Tensor, at::Tensor> cpu_ffn_fwd(const at::Tensor& x, const at::Te
   at::Tensor z;  // (rows, d_hidden), contiguous
   std::vector<float> bias;
   std::tie(z, bias) = pre_activation(x, w1, b1);
+  ScopedWorkspace workspace;
   at::Tensor a;
   if (save_z) {
-    a = at::empty({s.rows, s.d_ff}, x.options());
+    a = workspace->matrix(0, s.rows, s.d_ff, x.options());
   } else {
     a = act == Act::kSwiglu ? z.narrow(1, 0, s.d_ff) : z;  // in place
   }
@@ -321,11 +395,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_ffn_b
                 "z must have shape (", s.rows, ", ", s.d_hidden, ") and x's dtype");
     z = z_saved->contiguous();
   }
-  at::Tensor da = at::mm(dy, w2);  // (rows, d_ff)
+  ScopedWorkspace workspace;
+  at::Tensor da = workspace->matrix(1, s.rows, s.d_ff, x.options());
+  at::mm_out(da, dy, w2);  // (rows, d_ff)
   const bool swiglu = act == Act::kSwiglu;
   at::Tensor dz = swiglu ? at::empty({s.rows, s.d_hidden}, x.options()) : da;
   // a_d overwrites a recomputed z (its gate half for swiglu); a saved z belongs to autograd.
-  at::Tensor a_d = recomputed ? (swiglu ? z.narrow(1, 0, s.d_ff) : z) : at::empty({s.rows, s.d_ff}, x.options());
+  at::Tensor a_d = recomputed ? (swiglu ? z.narrow(1, 0, s.d_ff) : z) : workspace->matrix(0, s.rows, s.d_ff, x.options());
 
   const RowBlocks blocks(s.rows);
   std::vector<float> db1_partial(b1.has_value() ? blocks.count * s.d_hidden : 0, 0.f);
@@ -367,6 +443,9 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def(
       "cpu_ffn_bwd(Tensor dy, Tensor? z, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
       "float dropout_p, int seed, int offset) -> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2)");
+  // Frees the idle workspaces (the memory the two ops keep for their temporaries); calls
+  // running now keep theirs.
+  m.def("cpu_ffn_release_workspace() -> ()", [] { fastattn_cpu::WorkspacePool::instance().release_idle(); });
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
