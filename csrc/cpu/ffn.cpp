@@ -68,6 +68,8 @@ inline void activation(const Vec& z, Vec& out, Vec& grad) {
     // 1.5e-7, ATen's Vectorized<float>::erf): 1 - erf(|u|) = r(t) t exp(-u^2), t = 1 / (1 +
     // p|u|). exp(-u^2) = exp(-z^2 / 2) also gives the pdf: one exp per element for act and act'.
     // cdf is formed from q = (1 - erf(|u|)) / 2 directly, without cancellation for z << 0.
+    // exp_u20 (ATen's polynomial exp, 20 ulp): |gelu error| <= 4.2e-7 over z in [-12, 12] (torch's
+    // fp32 F.gelu: 1.2e-6), |gelu' error| <= 2.6e-7; a third less time for the forward pass.
     const Vec one(1.f), half(0.5f);
     const Vec u = z * Vec(static_cast<float>(M_SQRT1_2));
     const Vec t = one / at::vec::fmadd(Vec(0.3275911f), u.abs(), one);
@@ -75,7 +77,7 @@ inline void activation(const Vec& z, Vec& out, Vec& grad) {
     r = at::vec::fmadd(r, t, Vec(1.421413741f));
     r = at::vec::fmadd(r, t, Vec(-0.284496736f));
     r = at::vec::fmadd(r, t, Vec(0.254829592f));
-    const Vec e = (u * u).neg().exp();
+    const Vec e = (u * u).neg().exp_u20();
     const Vec q = half * r * t * e;
     const Vec cdf = Vec::blendv(one - q, q, u < Vec(0.f));
     out = z * cdf;
