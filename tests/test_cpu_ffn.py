@@ -9,6 +9,7 @@ bits), which is also checked against the kernels and against the Triton backend'
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 from typing import Optional
 
@@ -175,6 +176,40 @@ def test_dropout_is_applied_with_the_mask(recompute):
     assert (y[~dropped] != inputs.b2).any()
     g = cffn.backward(torch.randn_like(y), z, inputs, options, rng)
     assert (g.dx[dropped] == 0).all() and (g.dx[~dropped] != 0).any()
+
+
+def _op_results(inputs: FeedForwardInputs, activation: str, dy: torch.Tensor):
+    """y, z and the five gradients of the cpu ops (saved z, dropout 0.1)."""
+    args = (inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2)
+    y, z = torch.ops.fastattn.cpu_ffn_fwd(*args, activation, 0.1, 3, 7, True)
+    return (y, z, *torch.ops.fastattn.cpu_ffn_bwd(dy, z, *args, activation, 0.1, 3, 7))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_workspace_reuse_and_release_do_not_change_results(activation):
+    """The reused temporaries (grown, shrunk, released) give the same bits as a first call."""
+    cases = [make_inputs(rows, 24, 40, 16, torch.float32, "cpu", activation=activation) for rows in (9, 70, 3)]
+    dys = [torch.randn(inputs.rows, 16) for inputs in cases]
+    cffn.release_workspace()
+    first = [_op_results(inputs, activation, dy) for inputs, dy in zip(cases, dys)]
+    for inputs, dy, expected in zip(reversed(cases), reversed(dys), reversed(first)):
+        for actual, want in zip(_op_results(inputs, activation, dy), expected):
+            assert torch.equal(actual, want)
+    cffn.release_workspace()
+    for actual, want in zip(_op_results(cases[1], activation, dys[1]), first[1]):
+        assert torch.equal(actual, want)
+
+
+def test_concurrent_calls_use_separate_workspaces():
+    """Calls from several threads at once (each its own workspace) give the serial results."""
+    cases = [make_inputs(rows, 64, 200, 16, torch.float32, "cpu", activation="gelu") for rows in (250, 301, 377, 390)]
+    dys = [torch.randn(inputs.rows, 16) for inputs in cases]
+    expected = [_op_results(inputs, "gelu", dy) for inputs, dy in zip(cases, dys)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(5):
+            futures = [pool.submit(_op_results, inputs, "gelu", dy) for inputs, dy in zip(cases, dys)]
+            for future, want in zip(futures, expected):
+                assert all(torch.equal(a, b) for a, b in zip(future.result(), want))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])

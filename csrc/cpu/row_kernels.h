@@ -264,11 +264,14 @@ inline void add_row(float* acc, const float* v, int64_t n) {
 }
 
 // out[c] = sum over blocks b (in order) of partials[b * cols + c], written in out's dtype.
+// A few adds per element: up to kSerialElements partial elements (64 blocks x 8192 columns)
+// stay on the calling thread, where waking a second thread costs more than the work (on a
+// loaded machine, a scheduler slice).
 inline void reduce_partials(const std::vector<float>& partials, int64_t blocks, int64_t cols, at::Tensor& out) {
-  constexpr int64_t kChunk = 1024;
+  constexpr int64_t kChunk = 1024, kSerialElements = int64_t{1} << 19;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "reduce_partials", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, blocks * kChunk));
+    const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, blocks * kChunk));
     at::parallel_for(0, (cols + kChunk - 1) / kChunk, grain, [&](int64_t chunk0, int64_t chunk1) {
       float acc[kChunk];
       for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {

@@ -15,6 +15,12 @@ fp16); what lies between them is one vectorized pass over the GEMM output
   (of dy) in per-block fp32 partial rows summed in block order (bitwise reproducible with any
   thread count); then ``dw2 = dy.T @ a_d``, ``dx = dz @ w1``, ``dw1 = dz.T @ x``.
 
+Workspace: the temporaries no caller sees (forward's activation with a saved z; backward's
+``da`` / ``dz`` and ``a_d``) live in grow-only buffers the extension reuses across calls, so
+they do not page-fault again on every call (several ms per 16 MiB on a small machine). Memory
+held: up to 2 buffers of at most 64 MiB each (larger temporaries are fresh tensors) per call
+running at once, until :func:`release_workspace`. Outputs and the saved z are always fresh.
+
 Dropout: the Triton backend's mask of the (M, F) activation (:func:`dropout_mask`,
 fastattn/cpu/dropout_masks.py), regenerated in backward, never stored.
 """
@@ -75,6 +81,13 @@ def backward(
         dw2=dw2,
         db2=db2 if inputs.b2 is not None else None,
     )
+
+
+def release_workspace() -> None:
+    """Frees the workspace buffers the cpu FFN keeps between calls (idle ones; a call running in
+    another thread keeps its own). The next call allocates them again."""
+    ensure_loaded()
+    torch.ops.fastattn.cpu_ffn_release_workspace()
 
 
 @functools.lru_cache(maxsize=None)
