@@ -22,14 +22,15 @@ from fastattn.cpu import ensure_loaded
 from fastattn.cpu.dropout_masks import norm_keep_mask
 # The cpu ops take the CUDA ops' schemas (csrc/ops.cpp) and dtypes: same argument plumbing,
 # same fake tensors, same per-tensor dtype reasons.
-from fastattn.cuda.norm import _dropout_args, _norm_bwd_fake, _norm_fwd_fake, not_supported_reasons  # noqa: F401
+from fastattn.cuda.norm import (  # noqa: F401  (same op schema as the CUDA norm)
+    _dropout_args, _norm_bwd_fake, _norm_fwd_fake, not_supported_reasons, run_forward,
+)
 from fastattn.options import (
     NormForwardResult,
     NormGrads,
     NormInputs,
     NormOptions,
     RngState,
-    residual_out_dtype,
 )
 
 CAPABILITIES = NormCapabilities(dtypes=GPU_DTYPES)
@@ -46,20 +47,7 @@ def dropout_mask(inputs: NormInputs, options: NormOptions, rng: Optional[RngStat
 
 def forward(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]) -> NormForwardResult:
     ensure_loaded()
-    p, seed, offset = _dropout_args(options, rng)
-    h_dtype = residual_out_dtype(inputs, options)
-    # h is x itself (nothing stored) only without residual, dropout or dtype change.
-    store_h = inputs.residual is not None or p > 0 or h_dtype != inputs.x.dtype
-    y, h, mean, rstd = torch.ops.fastattn.cpu_norm_fwd(
-        inputs.x, inputs.residual, inputs.weight, inputs.bias, options.eps, p, seed, offset,
-        options.kind == "rms", store_h, h_dtype,
-    )
-    return NormForwardResult(
-        y=y,
-        h=h if store_h else inputs.x,
-        mean=None if options.kind == "rms" else mean,
-        rstd=rstd,
-    )
+    return run_forward(torch.ops.fastattn.cpu_norm_fwd, inputs, options, rng)
 
 
 def backward(

@@ -67,10 +67,16 @@ def dropout_mask(inputs: NormInputs, options: NormOptions, rng: Optional[RngStat
 
 def forward(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]) -> NormForwardResult:
     ensure_loaded()
+    return run_forward(torch.ops.fastattn.norm_fwd, inputs, options, rng)
+
+
+def run_forward(op, inputs: NormInputs, options: NormOptions, rng: Optional[RngState]) -> NormForwardResult:
+    """Calls ``op`` (a norm_fwd-schema op: CUDA ``norm_fwd`` or CPU ``cpu_norm_fwd``) and
+    wraps its outputs; h is x itself when the op stored none."""
     p, seed, offset = _dropout_args(options, rng)
     h_dtype = residual_out_dtype(inputs, options)
     store_h = _stores_h(inputs, options, h_dtype)
-    y, h, mean, rstd = torch.ops.fastattn.norm_fwd(
+    y, h, mean, rstd = op(
         inputs.x, inputs.residual, inputs.weight, inputs.bias, options.eps, p, seed, offset,
         options.kind == "rms", store_h, h_dtype,
     )
