@@ -100,6 +100,13 @@ class AttentionInputs:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
 
+    def tensors(self) -> tuple[Optional[torch.Tensor], ...]:
+        """The tensor fields in declaration order (q, k, v, key_padding_mask, attn_mask,
+        alibi_slopes, cu_seqlens_q, cu_seqlens_k): ``AttentionInputs(*tensors, max_seqlen_q,
+        max_seqlen_k)`` rebuilds the inputs."""
+        return (self.q, self.k, self.v, self.key_padding_mask, self.attn_mask, self.alibi_slopes,
+                self.cu_seqlens_q, self.cu_seqlens_k)
+
     @property
     def is_varlen(self) -> bool:
         return self.cu_seqlens_q is not None

@@ -26,6 +26,15 @@ def device() -> str:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_selections():
+    # Tests replace backends' capabilities and machine checks: no choice outlives a test.
+    from fastattn.backends import forget_selections  # imported late: TRITON_INTERPRET is set first
+
+    forget_selections()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different, reported seed per test: fresh inputs, yet any failure can be replayed.
     seed = zlib.crc32(request.node.nodeid.encode())  # stable across processes

@@ -77,7 +77,10 @@ inline void activation(const Vec& z, Vec& out, Vec& grad) {
     r = at::vec::fmadd(r, t, Vec(1.421413741f));
     r = at::vec::fmadd(r, t, Vec(-0.284496736f));
     r = at::vec::fmadd(r, t, Vec(0.254829592f));
-    const Vec e = (u * u).neg().exp_u20();
+    // exp(-u^2) is 0 from u^2 = 80 on (true q < 1e-35): below that, q and z * e would be
+    // subnormal, and each subnormal operation costs ~100x (a 2x slower FFN for |z| > 12).
+    const Vec uu = u * u;
+    const Vec e = uu.neg().exp_u20() & (uu < Vec(80.f));
     const Vec q = half * r * t * e;
     const Vec cdf = Vec::blendv(one - q, q, u < Vec(0.f));
     out = z * cdf;

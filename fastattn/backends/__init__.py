@@ -40,6 +40,20 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _signature(inputs) -> tuple:
+    """What the checks of a call may read of its inputs dataclass: each field's dtype, device
+    and shape for a tensor, else its value (the type included: KV-cache inputs differ)."""
+    return (type(inputs),) + tuple(
+        (value.dtype, value.device, value.shape) if isinstance(value, torch.Tensor) else value
+        for value in (getattr(inputs, name) for name in _field_names(type(inputs)))
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(cls))
+
+
 class Backend:
     """One implementation family. Subclasses override the machine-level checks."""
 
@@ -195,8 +209,35 @@ def requested_backend(backend: Optional[str] = None) -> Optional[str]:
 
 
 def select(op: str, inputs, options, backend: Optional[str] = None) -> Backend:
-    """The backend that serves this call, or BackendNotSupportedError saying why none can."""
+    """The backend that serves this call, or BackendNotSupportedError saying why none can.
+
+    Choices are memoized on what the checks read (the op, the requested name, the inputs'
+    dtypes, devices and shapes, the options, TRITON_INTERPRET): a training loop repeats a few
+    signatures, and checking every backend costs as much as a small kernel. Failures are not
+    memoized. :func:`forget_selections` clears the memo (for code that changes a backend's
+    capabilities at run time, as tests do)."""
     name = requested_backend(backend)
+    key = (op, name, triton_interpret_enabled(), _signature(inputs), options)
+    chosen = _SELECTIONS.get(key)
+    if chosen is None:
+        chosen = _select(op, inputs, options, name)
+        if len(_SELECTIONS) >= _MEMO_SIZE:
+            _SELECTIONS.clear()
+        _SELECTIONS[key] = chosen
+    return chosen
+
+
+#: select's memo: key -> Backend; cleared when full.
+_SELECTIONS: dict = {}
+_MEMO_SIZE = 1024
+
+
+def forget_selections() -> None:
+    """Clears :func:`select`'s memo."""
+    _SELECTIONS.clear()
+
+
+def _select(op: str, inputs, options, name: Optional[str]) -> Backend:
     if name is not None:
         chosen = get_backend(name)
         reasons = chosen.not_supported_reasons(op, inputs, options, explicit=True)
@@ -205,7 +246,7 @@ def select(op: str, inputs, options, backend: Optional[str] = None) -> Backend:
                 f"backend {name!r} cannot run {op} for these inputs: " + "; ".join(reasons)
             )
         return chosen
-    rejected = []  # (name, reasons), worded only when no backend serves (selection runs per call)
+    rejected = []  # (name, reasons), worded only when no backend serves
     for candidate in _BACKENDS.values():
         if not candidate.auto:
             rejected.append((candidate.name, ["only used when asked for (not verified on hardware)"]))

@@ -14,6 +14,8 @@ _loaded = False
 def availability_reasons() -> list[str]:
     """Why the cpu backend cannot run here (empty: it can). The extension is built/loaded once
     per process on the first check that finds a toolchain; a build failure is the reason."""
+    if _loaded:
+        return []
     from fastattn import _build
 
     if _build.cpu_extension_path() is not None:

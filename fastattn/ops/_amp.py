@@ -28,10 +28,19 @@ def cast_for_autocast(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtyp
     return tensor.to(dtype)
 
 
+def _autocast_device_type(device: torch.device) -> str:
+    return device.type if device.type in ("cpu", "cuda") else "cpu"
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (callers skip :func:`autocast_off` then)."""
+    return torch.is_autocast_enabled(_autocast_device_type(device))
+
+
 def autocast_off(device: torch.device) -> Union[torch.autocast, contextlib.nullcontext]:
     """A context that switches autocast off for ``device`` (a no-op context when it is off:
     entering ``torch.autocast`` costs a few microseconds per call)."""
-    device_type = device.type if device.type in ("cpu", "cuda") else "cpu"
+    device_type = _autocast_device_type(device)
     if not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)

@@ -28,6 +28,24 @@ def check_tensor(name: str, value, *, optional: bool = False) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} tensor")
 
 
+def dense_float_tensors(*tensors) -> bool:
+    """True when every argument that is not None is a dense (strided) float tensor of
+    FLOAT_DTYPES on the first one's device. Validation tests the common case in one pass like
+    this and runs its named checks (which raise with the argument's name) only when it fails:
+    a call's checks cost as much as a small kernel."""
+    device = None
+    for t in tensors:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_nested or t.dtype not in FLOAT_DTYPES:
+            return False
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            return False
+    return True
+
+
 def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype {_FLOAT_NAMES}, got {tensor.dtype}")

@@ -24,12 +24,13 @@ call, forward and backward, with no graph break. A schema carries only tensors a
 - The chosen backend (its index in ``registered_names()``) and the RngState leave the forward op
   as one int64 CPU tensor, the *call state* ``(backend, seed, offset)``, saved for backward.
 
-Plain eager calls skip the dispatcher (:class:`OpPair`): its Python round trips through a custom
-op and its registered autograd cost about 140 us per forward + backward on a CPU, as much as a
-small kernel. They run the same forward body, setup_context and backward rule through a
-``torch.autograd.Function`` instead, the backward body called directly; whatever traces
-(torch.compile, torch.export, fake / functional tensors, tensor subclasses, functorch
-transforms, ``torch.jit.trace``) still sees the custom ops.
+Plain eager calls skip the custom ops (:func:`is_plain_eager`): the round trips through a
+custom op, its registered autograd and the schema plumbing (options string, call-state tensor,
+placeholders) cost more than a small kernel on a CPU. Each op has a ``torch.autograd.Function``
+for them that makes the same backend calls (:func:`forward_on`, :func:`backward_on`) with the
+decoded options and chosen backend kept on ctx; whatever traces (torch.compile, torch.export,
+fake / functional tensors, tensor subclasses, functorch transforms, ``torch.jit.trace``) still
+sees the custom ops.
 """
 
 from __future__ import annotations
@@ -41,19 +42,35 @@ import functools
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils._device import DeviceContext
 
 from fastattn.backends import Backend, get_backend, registered_names, select
-from fastattn.ops._amp import autocast_off
+from fastattn.ops._amp import autocast_enabled, autocast_off
 from fastattn.options import RngState
 
 # --------------------------------------------------------------------------------------------
 # Options <-> schema string
 # --------------------------------------------------------------------------------------------
 def encode_options(options) -> str:
-    """``"name=repr(value), ..."`` over the dataclass's fields, in declaration order."""
+    """``"name=repr(value), ..."`` over the dataclass's fields, in declaration order. Eager
+    calls reuse the string of an equal options object (a training loop repeats a few)."""
+    if torch.compiler.is_compiling():  # traced: the string becomes a graph constant
+        return _encode(options)
+    text = _ENCODED.get(options)
+    if text is None:
+        if len(_ENCODED) >= _CACHE_SIZE:
+            _ENCODED.clear()
+        text = _ENCODED[options] = _encode(options)
+    return text
+
+
+def _encode(options) -> str:
     return ", ".join(f"{field.name}={getattr(options, field.name)!r}" for field in dataclasses.fields(options))
+
+
+#: Options objects (frozen dataclasses, hashable) -> their strings; cleared when full.
+_ENCODED: dict = {}
+_CACHE_SIZE = 1024
 
 
 def _literal(node: ast.expr):
@@ -131,22 +148,43 @@ def unpack_call_state(state: torch.Tensor, dropout: bool) -> tuple[Backend, Opti
 # --------------------------------------------------------------------------------------------
 # The op bodies' common part
 # --------------------------------------------------------------------------------------------
-def run_forward(op: str, inputs, options_type: type, options: str, backend: str, rng: Optional[torch.Tensor]):
-    """Inside a forward op: decode the options, select the backend, run its forward with
-    autocast off (``rng``: :func:`draw_rng`'s tensor). Returns (result, options, call state)."""
-    opts = decode_options(options_type, options)
+def forward_on(op: str, inputs, opts, backend: Optional[str], rng: Optional[RngState]):
+    """Select the backend (``backend``: a requested name or None) and run its forward with
+    autocast off. Returns (result, chosen backend). Both paths' forward (the op body, the eager
+    Function) run through here."""
     chosen = select(op, inputs, opts, backend or None)
-    rng = None if rng is None else RngState(*rng.tolist())
+    if not autocast_enabled(inputs.device):  # the common case, without a context's cost
+        return chosen.forward(op, inputs, opts, rng), chosen
     with autocast_off(inputs.device):
-        result = chosen.forward(op, inputs, opts, rng)
+        return chosen.forward(op, inputs, opts, rng), chosen
+
+
+def backward_on(chosen: Backend, op: str, inputs, opts, rng: Optional[RngState], *args):
+    """``chosen.backward(op, *args, inputs, opts, rng)`` with autocast off (both paths)."""
+    if not autocast_enabled(inputs.device):
+        return chosen.backward(op, *args, inputs, opts, rng)
+    with autocast_off(inputs.device):
+        return chosen.backward(op, *args, inputs, opts, rng)
+
+
+def run_forward(op: str, inputs, options_type: type, options: str, backend: str, rng: Optional[torch.Tensor]):
+    """Inside a forward op: decode the options, then :func:`forward_on` (``rng``:
+    :func:`draw_rng`'s tensor). Returns (result, options, call state)."""
+    opts = decode_options(options_type, options)
+    rng = None if rng is None else RngState(*rng.tolist())
+    result, chosen = forward_on(op, inputs, opts, backend, rng)
     return result, opts, call_state(chosen, rng)
 
 
 def run_backward(op: str, state: torch.Tensor, inputs, opts, *args):
-    """Inside a backward op: the forward's backend's ``backward(*args, inputs, opts, rng)``."""
+    """Inside a backward op: the forward's backend's backward (:func:`backward_on`)."""
     chosen, rng = unpack_call_state(state, opts.dropout_p > 0)
-    with autocast_off(inputs.device):
-        return chosen.backward(op, *args, inputs, opts, rng)
+    return backward_on(chosen, op, inputs, opts, rng, *args)
+
+
+def eager_rng(dropout_p: float) -> Optional[RngState]:
+    """The eager path's dropout draw: the same draw as :func:`draw_rng`, without the tensor."""
+    return RngState.draw() if dropout_p > 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,10 +198,20 @@ def absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Ten
 
 def stand_in(shape: Sequence[int], dtype: Optional[torch.dtype], device: torch.device) -> Optional[torch.Tensor]:
     """A zero-stride tensor of this shape and dtype (None without a dtype), for a backward
-    primitive that reads only the shape and dtype of a forward input whose data is not saved."""
+    primitive that reads only the shape and dtype of a forward input whose data is not saved.
+    Read-only by contract, so one per (shape, dtype, device) is reused across calls."""
     if dtype is None:
         return None
-    return torch.empty(1, dtype=dtype, device=device).expand(shape)
+    key = (tuple(shape), dtype, device)
+    tensor = _STAND_INS.get(key)
+    if tensor is None:
+        if len(_STAND_INS) >= _CACHE_SIZE:
+            _STAND_INS.clear()
+        tensor = _STAND_INS[key] = torch.empty(1, dtype=dtype, device=device).expand(shape)
+    return tensor
+
+
+_STAND_INS: dict = {}
 
 
 def finalize(outputs: Sequence[torch.Tensor], inputs: Sequence) -> tuple[torch.Tensor, ...]:
@@ -227,17 +275,19 @@ def _finalized(body: Callable) -> Callable:
 
 
 class OpPair:
-    """An op's forward and backward custom ops, joined by ``register_autograd``; calling the
-    pair calls the forward op, or in plain eager code (:func:`is_plain_eager`) runs the same
-    bodies through :class:`_EagerCall`, bit for bit the same results.
+    """An op's forward and backward custom ops, joined by ``register_autograd``. What traces
+    (and whatever :func:`is_plain_eager` rejects) calls ``forward_op``; plain eager calls take
+    the op's own ``torch.autograd.Function`` (``_<Op>Eager`` in fastattn/ops/<op>.py), which
+    runs the same backend calls (:func:`forward_on` / :func:`backward_on`) without the schema
+    plumbing: bit for bit the same results (tests/test_eager_path.py).
 
     Arguments:
         forward_name, backward_name: the ops' qualified names ("fastattn::...").
         forward_body, backward_body: the ops' implementations (annotated: the schema is
             inferred from them).
         setup_context: ``(ctx, inputs, output)`` as for ``register_autograd``.
-        backward_rule: ``(ctx, backward, *grads) -> grads of the forward's inputs``; it calls
-            ``backward`` (the backward op, or its body on the eager path) for the gradients.
+        backward_rule: ``(ctx, *grads) -> grads of the forward's inputs``; it calls the
+            backward op for the gradients.
     """
 
     def __init__(
@@ -252,35 +302,8 @@ class OpPair:
     ) -> None:
         self.forward_op = torch.library.custom_op(forward_name, _finalized(forward_body), mutates_args=())
         self.backward_op = torch.library.custom_op(backward_name, _finalized(backward_body), mutates_args=())
-        self.forward_body, self.backward_body = forward_body, backward_body
-        self.setup_context, self.backward_rule = setup_context, backward_rule
+        self.backward_rule = backward_rule
         self.forward_op.register_autograd(self._backward_with_op, setup_context=setup_context)
 
     def _backward_with_op(self, ctx, *grads):
         return self.backward_rule(ctx, self.backward_op, *grads)
-
-    def __call__(self, *args):
-        if is_plain_eager(args):
-            return _EagerCall.apply(self, *args)
-        return self.forward_op(*args)
-
-
-class _EagerCall(torch.autograd.Function):
-    """An :class:`OpPair`'s custom ops without the dispatcher: the forward body, then the
-    pair's own setup_context and backward rule (calling the backward body). Like the backward
-    op, which has no autograd formula, the backward is not differentiable. (The forward takes
-    ctx itself: with a separate ``setup_context``, ``Function.apply`` binds the arguments
-    through ``inspect.signature`` on every call, ~20 us.)"""
-
-    @staticmethod
-    def forward(ctx, pair: OpPair, *args):
-        output = pair.forward_body(*args)
-        ctx.pair = pair
-        pair.setup_context(ctx, args, output)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        pair = ctx.pair
-        return (None, *pair.backward_rule(ctx, pair.backward_body, *grads))

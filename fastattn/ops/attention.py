@@ -26,6 +26,8 @@ from typing import Optional, Union
 
 import torch
 
+from torch.autograd.function import once_differentiable
+
 from fastattn.ops import _checks as checks
 from fastattn.ops import _custom_op
 from fastattn.ops._amp import autocast_dtype, cast_for_autocast
@@ -38,9 +40,27 @@ from fastattn.options import AttentionInputs, AttentionOptions
 def _validate_qkv(q, k, v, layout: str, kv_layout: str) -> None:
     """q (*lead, L, H, D), k/v (*lead, Lk, Hkv, D) with H % Hkv == 0: types, float dtype, one
     dtype and device, shapes. layout / kv_layout name the dims in messages."""
+    ndim = layout.count(",") + 1  # layout names every dim
+    if not _common_qkv(q, k, v, ndim):
+        _check_qkv(q, k, v, ndim, layout, kv_layout)
+
+
+def _common_qkv(q, k, v, ndim: int) -> bool:
+    """What :func:`_check_qkv` accepts, in its usual form, tested in one pass."""
+    if q is None or k is None or v is None or not checks.dense_float_tensors(q, k, v):
+        return False
+    if not (q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == ndim and k.shape == v.shape):
+        return False
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    return q.shape[:-3] == k.shape[:-3] and q.shape[-1] == k.shape[-1] and q.shape[-2] % k.shape[-2] == 0
+
+
+def _check_qkv(q, k, v, ndim: int, layout: str, kv_layout: str) -> None:
+    """Raises TypeError / ValueError naming the first bad argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         checks.check_tensor(name, t)
-        checks.check_ndim(name, t, layout.count(",") + 1, layout)  # layout names every dim
+        checks.check_ndim(name, t, ndim, layout)
         checks.check_float_dtype(name, t)
         checks.check_nonempty(name, t)
     checks.check_same_dtype("k", k, "q", q)
@@ -55,21 +75,31 @@ def _validate_qkv(q, k, v, layout: str, kv_layout: str) -> None:
         raise ValueError(f"q's nheads ({h}) must be a multiple of k/v's nheads_kv ({k.shape[-2]})")
 
 
-def _validate_flash(q, k, v, key_padding_mask) -> AttentionInputs:
+def _validate_flash(q, k, v, key_padding_mask, alibi_slopes=None) -> AttentionInputs:
     _validate_qkv(q, k, v, "(batch, seqlen, nheads, headdim)", "(batch, seqlen_k, nheads_kv, headdim)")
     b, lk = k.shape[:2]
+    if key_padding_mask is not None and not (
+        isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.layout == torch.strided
+        and not key_padding_mask.is_nested and key_padding_mask.dtype == torch.bool
+        and key_padding_mask.shape == (b, lk) and key_padding_mask.device == q.device
+    ):
+        _check_key_padding_mask(key_padding_mask, b, lk, q)
+    return AttentionInputs(
+        q=checks.last_dim_contiguous(q),
+        k=checks.last_dim_contiguous(k),
+        v=checks.last_dim_contiguous(v),
+        key_padding_mask=key_padding_mask,
+        alibi_slopes=_validate_alibi(alibi_slopes, b, q.shape[2], q),
+    )
+
+
+def _check_key_padding_mask(key_padding_mask, b: int, lk: int, q) -> None:
     checks.check_tensor("key_padding_mask", key_padding_mask, optional=True)
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must have dtype torch.bool (True = real token), got {key_padding_mask.dtype}")
         checks.check_shape("key_padding_mask", key_padding_mask, (b, lk), "(batch, seqlen_k)")
         checks.check_same_device("key_padding_mask", key_padding_mask, "q", q)
-    return AttentionInputs(
-        q=checks.last_dim_contiguous(q),
-        k=checks.last_dim_contiguous(k),
-        v=checks.last_dim_contiguous(v),
-        key_padding_mask=key_padding_mask,
-    )
 
 
 def _validate_options(softmax_scale, dropout_p, head_dim: int, **flags) -> tuple[float, float]:
@@ -279,6 +309,35 @@ _ATTENTION.forward_op.register_fake(_attention_forward_fake)
 _ATTENTION.backward_op.register_fake(_attention_backward_fake)
 
 
+class _AttentionEager(torch.autograd.Function):
+    """Plain eager calls: the forward op's body and backward rule without the schema plumbing
+    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, backend, rng, q, k, v)``: q, k, v
+    are the inputs' own, passed again so that autograd records them. Like the backward op, the
+    backward is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str], rng, q, k, v):
+        (out, lse), chosen = _custom_op.forward_on("attention", inputs, options, backend, rng)
+        ctx.save_for_backward(*inputs.tensors(), out, lse)
+        ctx.chosen, ctx.options, ctx.rng = chosen, options, rng
+        ctx.max_seqlens = (inputs.max_seqlen_q, inputs.max_seqlen_k)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlse):
+        if dout is None:  # out took no part in the loss
+            return (None,) * 7
+        *tensors, out, lse = ctx.saved_tensors
+        inputs = AttentionInputs(*tensors, *ctx.max_seqlens)
+        dq, dk, dv = _custom_op.backward_on(
+            ctx.chosen, "attention", inputs, ctx.options, ctx.rng, dout.contiguous(), out, lse
+        )
+        return None, None, None, None, dq, dk, dv
+
+
 def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str]):
     amp = autocast_dtype(inputs.device)
     if amp is not None and inputs.dtype != amp:
@@ -290,11 +349,14 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
             v=cast_for_autocast(inputs.v, amp),
             attn_mask=mask if mask is None or mask.dtype in (torch.bool, torch.float32) else mask.to(amp),
         )
-    out, lse, _state = _ATTENTION(
-        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, inputs.alibi_slopes,
-        inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.max_seqlen_q, inputs.max_seqlen_k,
-        _custom_op.encode_options(options), _custom_op.backend_request(backend),
-        _custom_op.draw_rng(options.dropout_p),
+    tensors = inputs.tensors()
+    request = _custom_op.backend_request(backend)
+    if _custom_op.is_plain_eager(tensors):
+        rng = _custom_op.eager_rng(options.dropout_p)
+        return _AttentionEager.apply(inputs, options, request, rng, inputs.q, inputs.k, inputs.v)
+    out, lse, _state = _ATTENTION.forward_op(
+        *tensors, inputs.max_seqlen_q, inputs.max_seqlen_k,
+        _custom_op.encode_options(options), request, _custom_op.draw_rng(options.dropout_p),
     )
     return out, lse
 
@@ -348,12 +410,11 @@ def flash_attention(
         lse: (batch, nheads, seqlen_q) float32, natural log. A query row that sees no key gets
         output 0 and lse -inf (never NaN), and passes no gradient.
     """
-    inputs = _validate_flash(q, k, v, key_padding_mask)
+    inputs = _validate_flash(q, k, v, key_padding_mask, alibi_slopes)
     options = _flash_options(
         inputs.head_dim, softmax_scale, dropout_p, window_size, softcap,
         causal=causal, return_lse=return_lse, deterministic=deterministic,
     )
-    inputs = dataclasses.replace(inputs, alibi_slopes=_validate_alibi(alibi_slopes, inputs.batch, inputs.nheads, q))
     out, lse = _run(inputs, options, backend)
     return (out, lse) if return_lse else out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastattn.ops import _checks as checks
 from fastattn.ops import _custom_op
@@ -139,6 +140,35 @@ _FFN.forward_op.register_fake(_ffn_forward_fake)
 _FFN.backward_op.register_fake(_ffn_backward_fake)
 
 
+class _FeedForwardEager(torch.autograd.Function):
+    """Plain eager calls: the forward op's body and backward rule without the schema plumbing
+    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, backend, rng, x, w1, b1, w2,
+    b2)`` with x (..., d_model) as the caller passed it (flattened inside, where autograd
+    records no view); returns y (..., d_out). The backward is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, inputs: FeedForwardInputs, options: FeedForwardOptions, backend: Optional[str], rng,
+                x, w1, b1, w2, b2):
+        (y, z), chosen = _custom_op.forward_on("ffn", inputs, options, backend, rng)
+        ctx.save_for_backward(inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2, z)
+        ctx.chosen, ctx.options, ctx.rng, ctx.shape = chosen, options, rng, x.shape
+        ctx.set_materialize_grads(False)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        if dy is None:
+            return (None,) * 9
+        x, w1, b1, w2, b2, z = ctx.saved_tensors
+        g = _custom_op.backward_on(
+            ctx.chosen, "ffn", FeedForwardInputs(x, w1, b1, w2, b2), ctx.options, ctx.rng,
+            dy.reshape(-1, dy.shape[-1]).contiguous(), z,
+        )
+        return (None, None, None, None, g.dx.reshape(ctx.shape), g.dw1, None if b1 is None else g.db1, g.dw2,
+                None if b2 is None else g.db2)
+
+
 def feed_forward(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -181,9 +211,12 @@ def feed_forward(
         recompute=recompute,
         allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
     )
-    y, _z, _state = _FFN(
+    request = _custom_op.backend_request(backend)
+    if _custom_op.is_plain_eager((x, w1, b1, w2, b2)):
+        rng = _custom_op.eager_rng(options.dropout_p)
+        return _FeedForwardEager.apply(inputs, options, request, rng, x, w1, b1, w2, b2)
+    y, _z, _state = _FFN.forward_op(
         inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2,
-        _custom_op.encode_options(options), _custom_op.backend_request(backend),
-        _custom_op.draw_rng(options.dropout_p),
+        _custom_op.encode_options(options), request, _custom_op.draw_rng(options.dropout_p),
     )
     return y.reshape(*x.shape[:-1], w2.shape[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastattn.ops import _checks as checks
 from fastattn.ops import _custom_op
@@ -26,6 +27,31 @@ Tensors = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 def _validate(x, residual, weight, bias) -> NormInputs:
+    if not _common_case(x, residual, weight, bias):
+        _check(x, residual, weight, bias)
+    n = x.shape[-1]
+    return NormInputs(
+        x=checks.last_dim_contiguous(x.reshape(-1, n)),
+        residual=None if residual is None else checks.last_dim_contiguous(residual.reshape(-1, n)),
+        weight=weight,
+        bias=bias,
+    )
+
+
+def _common_case(x, residual, weight, bias) -> bool:
+    """What :func:`_check` accepts, in its usual form, tested in one pass."""
+    if x is None or not checks.dense_float_tensors(x, residual, weight, bias) or x.dim() < 1 or x.numel() == 0:
+        return False
+    n = x.shape[-1]
+    return (
+        (residual is None or residual.shape == x.shape)
+        and (weight is None or weight.shape == (n,))
+        and (bias is None or bias.shape == (n,))
+    )
+
+
+def _check(x, residual, weight, bias) -> None:
+    """Raises TypeError / ValueError naming the first bad argument."""
     checks.check_tensor("x", x)
     checks.check_float_dtype("x", x)
     if x.dim() < 1:
@@ -43,12 +69,6 @@ def _validate(x, residual, weight, bias) -> NormInputs:
             checks.check_float_dtype(name, param)
             checks.check_shape(name, param, (n,), "(hidden,)")
             checks.check_same_device(name, param, "x", x)
-    return NormInputs(
-        x=checks.last_dim_contiguous(x.reshape(-1, n)),
-        residual=None if residual is None else checks.last_dim_contiguous(residual.reshape(-1, n)),
-        weight=weight,
-        bias=bias,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,12 +200,57 @@ _NORM.forward_op.register_fake(_norm_forward_fake)
 _NORM.backward_op.register_fake(_norm_backward_fake)
 
 
+class _NormEager(torch.autograd.Function):
+    """Plain eager calls: the forward op's body and backward rule without the schema plumbing
+    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, backend, rng, x, residual,
+    weight, bias)`` with x and residual (..., N) as the caller passed them (flattened inside,
+    where autograd records no view); returns y (..., N) and h (..., N), or None when h is x.
+    The backward is not differentiable (like the backward op)."""
+
+    @staticmethod
+    def forward(ctx, inputs: NormInputs, options: NormOptions, backend: Optional[str], rng, x, residual, weight, bias):
+        result, chosen = _custom_op.forward_on("norm", inputs, options, backend, rng)
+        h_is_x = _h_is_x(inputs.x, inputs.residual, options)
+        ctx.save_for_backward(inputs.x if h_is_x else result.h, weight, bias, result.mean, result.rstd)
+        ctx.chosen, ctx.options, ctx.rng, ctx.shape = chosen, options, rng, x.shape
+        ctx.x_dtype = x.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.set_materialize_grads(False)
+        return result.y.view(x.shape), None if h_is_x else result.h.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh):
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None and dh is None:
+            return (None,) * 8
+        n = h.shape[-1]
+        dy = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device) if dy is None else dy.reshape(-1, n)
+        inputs = NormInputs(
+            _custom_op.stand_in(h.shape, ctx.x_dtype, h.device),
+            _custom_op.stand_in(h.shape, ctx.residual_dtype, h.device),
+            weight,
+            bias,
+        )
+        grads = _custom_op.backward_on(
+            ctx.chosen, "norm", inputs, ctx.options, ctx.rng, dy.contiguous(),
+            None if dh is None else dh.reshape(-1, n).contiguous(), h, mean, rstd,
+        )
+        dresidual = None if ctx.residual_dtype is None else grads.dresidual.reshape(ctx.shape)
+        return (None, None, None, None, grads.dx.reshape(ctx.shape), dresidual,
+                None if weight is None else grads.dweight, None if bias is None else grads.dbias)
+
+
 def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str]) -> Tensors:
     inputs = _validate(x, residual, weight, bias)
-    y, h, _mean, _rstd, _state = _NORM(
+    request = _custom_op.backend_request(backend)
+    if _custom_op.is_plain_eager((x, residual, weight, bias)):
+        rng = _custom_op.eager_rng(options.dropout_p)
+        y, h = _NormEager.apply(inputs, options, request, rng, x, residual, weight, bias)
+        return (y, x if h is None else h) if options.prenorm else y
+    y, h, _mean, _rstd, _state = _NORM.forward_op(
         inputs.x, inputs.residual, weight, bias,
-        _custom_op.encode_options(options), _custom_op.backend_request(backend),
-        _custom_op.draw_rng(options.dropout_p),
+        _custom_op.encode_options(options), request, _custom_op.draw_rng(options.dropout_p),
     )
     y = y.reshape(x.shape)
     if not options.prenorm:
