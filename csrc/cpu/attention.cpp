@@ -37,10 +37,6 @@
 #include "cpu/attention_gemm.h"
 #include "cpu/attention_philox.h"
 
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                      const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                      const float* beta, float* c, const int* ldc);
-
 namespace fastattn_cpu {
 namespace {
 
@@ -57,21 +53,6 @@ constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 128;
 // Backward tasks wanted before key blocks are split over tasks (shape-only rule).
 constexpr int64_t kBwdMinTasks = 16;
-
-// Row-major fp32 GEMM: C (M x N, ldc) = alpha * op(A) op(B) + beta * C, op(A) M x K, op(B)
-// K x N, A / B stored row-major (transposed: stored K x M / N x K). BLAS is column-major, so
-// row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T. sgemm_ is the BLAS that
-// libtorch_cpu carries and exports (MKL on x86 wheels); ATen's cpublas::gemm overloads that
-// would wrap it are not exported from libtorch_cpu.
-inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                    int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  TORCH_CHECK(std::max({lda, ldb, ldc, m, n, k}) <= std::numeric_limits<int>::max(),
-              "fastattn cpu attention: a stride exceeds the 32-bit BLAS interface");
-  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-  const int lda_i = static_cast<int>(ldb), ldb_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
-  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
-}
 
 // rows x dim tile of a (.., L, .., D) tensor with row stride ld, as fp32: the tile itself for
 // fp32, else converted into buf (ld dim). Returns the pointer and sets ld_out.
@@ -354,7 +335,15 @@ void delta_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& out
         const scalar_t* d = do_ptr + b * sd.b + i * sd.l + h * sd.h;
         const scalar_t* o = o_ptr + b * so.b + i * so.l + h * so.h;
         float sum = 0.f;
-        for (int64_t c = 0; c < D; ++c) sum += static_cast<float>(d[c]) * static_cast<float>(o[c]);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          Vec acc(0.f);
+          int64_t c = 0;
+          for (; c + Vec::size() <= D; c += Vec::size()) acc = at::vec::fmadd(Vec::loadu(d + c), Vec::loadu(o + c), acc);
+          sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+          for (; c < D; ++c) sum += d[c] * o[c];
+        } else {
+          for (int64_t c = 0; c < D; ++c) sum += static_cast<float>(d[c]) * static_cast<float>(o[c]);
+        }
         delta_ptr[(b * H + h) * p.lq + i] = sum;
       }
     }
@@ -387,36 +376,58 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
   const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
   const int64_t key_blocks = (p.lk + BN - 1) / BN;
   const float inv_keep = p.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
+  static_assert(kBwdBlockN % kPanelWidth == 0 && kBwdBlockM % kPanelWidth == 0, "tiles are whole panels");
+
+  const int64_t W = kPanelWidth, Dp = padded_dim(D);
 
   at::parallel_for(0, p.batch * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(BM * BN), dprobs(BM * BN), dk_acc(BN * D), dv_acc(BN * D), dcap(BN);
-    // fp32 copies of fp16 / bf16 tiles
-    std::vector<float> q_buf(kFloat ? 0 : BM * D), do_buf(kFloat ? 0 : BM * D), k_buf(kFloat ? 0 : BN * D),
-        v_buf(kFloat ? 0 : BN * D);
+    // This key block: K^T and V^T panels (D x BN: the B operands of S and dP), K rows (BN x Dp: of dQ).
+    const int64_t kt_size = BN / W * D * W;
+    std::vector<float> key_panels(2 * kt_size + BN * Dp);
+    float* kt_pan = key_panels.data();
+    float* vt_pan = kt_pan + kt_size;
+    float* k_rows = vt_pan + kt_size;
+    // The task's queries of every query head of its kv head, Q then dO, as compact fp32 rows
+    // (group, 2, rows, Dp), packed once per task: the A operands of S / dP and the (row-major)
+    // B operands of dK += dS^T Q / dV += P^T dO.
+    std::vector<float> query_rows;
     std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, hk = (task / splits) % Hkv, b = task / (splits * Hkv);
       const scalar_t* k_head = k_ptr + b * sk.b + hk * sk.h;
       const scalar_t* v_head = v_ptr + b * sv.b + hk * sv.h;
       float* dq_split = dq_ptr + split * p.batch * p.lq * H * D;
-      for (int64_t kb = split * key_blocks / splits; kb < (split + 1) * key_blocks / splits; ++kb) {
+      const int64_t kb_begin = split * key_blocks / splits, kb_end = (split + 1) * key_blocks / splits;
+      const int64_t rows_begin = p.first_query(kb_begin * BN);
+      const int64_t rows = std::max<int64_t>(0, p.end_query(std::min(p.lk, kb_end * BN)) - rows_begin);
+      const int64_t rows_size = rows * Dp;
+      query_rows.resize(std::max<size_t>(query_rows.size(), group * 2 * rows_size));
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        float* dst = query_rows.data() + g * 2 * rows_size;
+        pack_rows(q_ptr + b * sq.b + rows_begin * sq.l + h * sq.h, rows, D, sq.l, dst, Dp);
+        pack_rows(do_ptr + b * sd.b + rows_begin * sd.l + h * sd.h, rows, D, sd.l, dst + rows_size, Dp);
+      }
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, p.lk - j0);
-        int64_t ldq, ldk, ldv, ldd;
-        const float* k_tile = tile_fp32(k_head + j0 * sk.l, n, sk.l, D, k_buf.data(), ldk);
-        const float* v_tile = tile_fp32(v_head + j0 * sv.l, n, sv.l, D, v_buf.data(), ldv);
+        pack_panels_transposed(k_head + j0 * sk.l, n, D, sk.l, kt_pan, D * W);
+        pack_panels_transposed(v_head + j0 * sv.l, n, D, sv.l, vt_pan, D * W);
+        pack_rows(k_head + j0 * sk.l, n, D, sk.l, k_rows, Dp);
         std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
         const int64_t i_begin = p.first_query(j0), i_end = p.end_query(j0 + n);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const float* lse_row = lse_ptr + (b * H + h) * p.lq;
           const float* delta_row = delta_ptr + (b * H + h) * p.lq;
+          const float* q_rows = query_rows.data() + (h - hk * group) * 2 * rows_size;  // (rows, Dp)
+          const float* do_rows = q_rows + rows_size;
           for (int64_t i0 = i_begin; i0 < i_end; i0 += BM) {
             const int64_t m = std::min(BM, i_end - i0);
-            const float* q_tile = tile_fp32(q_ptr + b * sq.b + i0 * sq.l + h * sq.h, m, sq.l, D, q_buf.data(), ldq);
-            const float* do_tile =
-                tile_fp32(do_ptr + b * sd.b + i0 * sd.l + h * sd.h, m, sd.l, D, do_buf.data(), ldd);
-            gemm_rm(false, true, m, n, D, 1.f, q_tile, ldq, k_tile, ldk, 0.f, scores.data(), BN);
-            gemm_rm(false, true, m, n, D, 1.f, do_tile, ldd, v_tile, ldv, 0.f, dprobs.data(), BN);
+            const float* q_tile = q_rows + (i0 - rows_begin) * Dp;  // (m, Dp)
+            const float* do_tile = do_rows + (i0 - rows_begin) * Dp;
+            panel_gemm(m, n, D, q_tile, Dp, 1, {kt_pan, D * W}, scores.data(), BN, false);
+            panel_gemm(m, n, D, do_tile, Dp, 1, {vt_pan, D * W}, dprobs.data(), BN, false);
             if (p.dropout())
               dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
                                 keep.data(), BN);
@@ -451,10 +462,11 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
               }
               vec_scale(dp, n, p.scale);
             }
-            gemm_rm(true, false, n, D, m, 1.f, scores.data(), BN, do_tile, ldd, 1.f, dv_acc.data(), D);
-            gemm_rm(true, false, n, D, m, 1.f, dprobs.data(), BN, q_tile, ldq, 1.f, dk_acc.data(), D);
-            gemm_rm(false, false, m, D, n, 1.f, dprobs.data(), BN, k_tile, ldk, 1.f,
-                              dq_split + ((b * p.lq + i0) * H + h) * D, H * D);
+            // dV += P^T dO, dK += dS^T Q (A read transposed), dQ += dS K.
+            panel_gemm(n, D, m, scores.data(), 1, BN, {do_tile, W, Dp}, dv_acc.data(), D, true);
+            panel_gemm(n, D, m, dprobs.data(), 1, BN, {q_tile, W, Dp}, dk_acc.data(), D, true);
+            panel_gemm(m, D, n, dprobs.data(), BN, 1, {k_rows, W, Dp}, dq_split + ((b * p.lq + i0) * H + h) * D,
+                       H * D, true);
           }
         }
         for (int64_t c = 0; c < n; ++c) {

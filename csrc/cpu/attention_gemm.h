@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fastattn_cpu {
 
@@ -23,11 +24,14 @@ constexpr int64_t kPanelWidth = kPanelVecs * PanelVec::size();
 constexpr int kPanelRows = PanelVec::size() >= 16 ? 6 : 3;
 static_assert(kPanelRows <= 6, "panel_gemm_impl's remainder switch covers up to 5 rows");
 
-// B (K x N) as panels: B[k][j] at data[(j / kPanelWidth) * panel_stride + k * kPanelWidth + j % kPanelWidth],
-// zero past column N.
+// B (K x N) as panels: B[k][j] at data[(j / kPanelWidth) * panel_stride + k * row_stride + j % kPanelWidth].
+// Packed panels (row_stride kPanelWidth) are zero past column N; a row-major B (panel_stride
+// kPanelWidth, row_stride its ld) may hold anything there, as long as the row's vectors up to
+// column N rounded up to PanelVec::size() are readable: those lanes only reach unstored results.
 struct Panels {
   const float* data;
   int64_t panel_stride;
+  int64_t row_stride = kPanelWidth;
 };
 
 // Packs src (rows x cols, row stride ld, any dtype) as panels of B = src.
@@ -46,6 +50,49 @@ inline void pack_panels(const scalar_t* src, int64_t rows, int64_t cols, int64_t
   }
 }
 
+// Row-major fp32 copy of src (rows x cols, row stride ld, any dtype) with row stride ldd >= cols,
+// zero past column cols: a compact A operand (no cache-set aliasing of wide strides) or a
+// row-major B (Panels{dst, kPanelWidth, ldd}).
+template <typename scalar_t>
+inline void pack_rows(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = dst + r * ldd;
+    const scalar_t* in = src + r * ld;
+    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<float>(in[c]);
+    std::fill(out + cols, out + ldd, 0.f);
+  }
+}
+
+// Row stride of pack_rows copies: whole vectors.
+inline int64_t padded_dim(int64_t cols) { return (cols + PanelVec::size() - 1) / PanelVec::size() * PanelVec::size(); }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// dst[c * ldd + r] = src[r * lds + c] for a 16 x 16 fp32 block, in registers.
+inline void transpose_16x16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  // r[4g + j]'s 128-bit lane l: column 4l + j of rows 4g..4g+3.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+    _mm512_storeu_ps(dst + (j + 0) * ldd, _mm512_shuffle_f32x4(a, c, 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ldd, _mm512_shuffle_f32x4(a, c, 0xdd));
+    _mm512_storeu_ps(dst + (j + 4) * ldd, _mm512_shuffle_f32x4(b, d, 0x88));
+    _mm512_storeu_ps(dst + (j + 12) * ldd, _mm512_shuffle_f32x4(b, d, 0xdd));
+  }
+}
+#endif
+
 // Packs src (rows x cols, row stride ld) as panels of B = src^T (cols x rows).
 template <typename scalar_t>
 inline void pack_panels_transposed(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, float* dst,
@@ -54,10 +101,18 @@ inline void pack_panels_transposed(const scalar_t* src, int64_t rows, int64_t co
     const int64_t r0 = p * kPanelWidth, width = std::min(kPanelWidth, rows - r0);
     float* panel = dst + p * panel_stride;
     if (width < kPanelWidth) std::fill(panel, panel + cols * kPanelWidth, 0.f);
-    for (int64_t r = 0; r < width; ++r) {
-      const scalar_t* in = src + (r0 + r) * ld;
-      for (int64_t c = 0; c < cols; ++c) panel[c * kPanelWidth + r] = static_cast<float>(in[c]);
+    int64_t r = 0, c_done = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      c_done = cols / 16 * 16;
+      for (; r + 16 <= width; r += 16)
+        for (int64_t c = 0; c < c_done; c += 16) transpose_16x16(src + (r0 + r) * ld + c, ld, panel + c * kPanelWidth + r, kPanelWidth);
     }
+#endif
+    for (int64_t c = c_done; c < cols; ++c)
+      for (int64_t rr = 0; rr < r; ++rr) panel[c * kPanelWidth + rr] = static_cast<float>(src[(r0 + rr) * ld + c]);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t rr = r; rr < width; ++rr) panel[c * kPanelWidth + rr] = static_cast<float>(src[(r0 + rr) * ld + c]);
   }
 }
 
@@ -93,8 +148,8 @@ inline void reg_store_part(float* dst, PanelReg x, int64_t count) { x.store(dst,
 // kFull) are stored. kFull is a template argument: with a run-time flag GCC keeps the
 // accumulators in memory.
 template <int MR, int NV, bool kAccumulate, bool kFull>
-inline void panel_block(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, float* c, int64_t ldc,
-                        int64_t cols) {
+inline void panel_block(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, float* c,
+                        int64_t ldc, int64_t cols) {
   constexpr int64_t S = PanelVec::size();
   constexpr bool full = kFull;
   PanelReg acc[MR][NV];
@@ -112,7 +167,7 @@ inline void panel_block(int64_t K, const float* a, int64_t ars, int64_t acs, con
   for (int64_t k = 0; k < K; ++k) {
     PanelReg bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = reg_load(b + v * S);
-    b += kPanelWidth;
+    b += brs;
     for (int i = 0; i < MR; ++i) {
       const PanelReg av = reg_broadcast(*ap[i]);
       ap[i] += acs;
@@ -131,22 +186,22 @@ inline void panel_block(int64_t K, const float* a, int64_t ars, int64_t acs, con
 }
 
 template <int MR, int NV, bool kAccumulate>
-inline void panel_cols(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, float* c, int64_t ldc,
-                       int64_t cols) {
+inline void panel_cols(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, float* c,
+                       int64_t ldc, int64_t cols) {
   if (cols == NV * PanelVec::size())
-    panel_block<MR, NV, kAccumulate, true>(K, a, ars, acs, b, c, ldc, cols);
+    panel_block<MR, NV, kAccumulate, true>(K, a, ars, acs, b, brs, c, ldc, cols);
   else
-    panel_block<MR, NV, kAccumulate, false>(K, a, ars, acs, b, c, ldc, cols);
+    panel_block<MR, NV, kAccumulate, false>(K, a, ars, acs, b, brs, c, ldc, cols);
 }
 
 template <int MR, bool kAccumulate>
-inline void panel_rows(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, float* c, int64_t ldc,
-                       int64_t cols) {
+inline void panel_rows(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, float* c,
+                       int64_t ldc, int64_t cols) {
   switch ((cols + PanelVec::size() - 1) / PanelVec::size()) {
-    case 1: panel_cols<MR, 1, kAccumulate>(K, a, ars, acs, b, c, ldc, cols); break;
-    case 2: panel_cols<MR, 2, kAccumulate>(K, a, ars, acs, b, c, ldc, cols); break;
-    case 3: panel_cols<MR, 3, kAccumulate>(K, a, ars, acs, b, c, ldc, cols); break;
-    default: panel_cols<MR, 4, kAccumulate>(K, a, ars, acs, b, c, ldc, cols); break;
+    case 1: panel_cols<MR, 1, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols); break;
+    case 2: panel_cols<MR, 2, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols); break;
+    case 3: panel_cols<MR, 3, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols); break;
+    default: panel_cols<MR, 4, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols); break;
   }
 }
 
@@ -158,16 +213,16 @@ inline void panel_gemm_impl(int64_t M, int64_t N, int64_t K, const float* a, int
     const int64_t cols = std::min(kPanelWidth, N - j0);
     int64_t i0 = 0;
     for (; i0 + kPanelRows <= M; i0 += kPanelRows)
-      panel_rows<kPanelRows, kAccumulate>(K, a + i0 * ars, ars, acs, panel, c + i0 * ldc + j0, ldc, cols);
+      panel_rows<kPanelRows, kAccumulate>(K, a + i0 * ars, ars, acs, panel, b.row_stride, c + i0 * ldc + j0, ldc, cols);
     const float* a_rest = a + i0 * ars;
     float* c_rest = c + i0 * ldc + j0;
     switch (M - i0) {
       case 0: break;
-      case 1: panel_rows<1, kAccumulate>(K, a_rest, ars, acs, panel, c_rest, ldc, cols); break;
-      case 2: panel_rows<2, kAccumulate>(K, a_rest, ars, acs, panel, c_rest, ldc, cols); break;
-      case 3: panel_rows<3, kAccumulate>(K, a_rest, ars, acs, panel, c_rest, ldc, cols); break;
-      case 4: panel_rows<4, kAccumulate>(K, a_rest, ars, acs, panel, c_rest, ldc, cols); break;
-      default: panel_rows<5, kAccumulate>(K, a_rest, ars, acs, panel, c_rest, ldc, cols); break;
+      case 1: panel_rows<1, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
+      case 2: panel_rows<2, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
+      case 3: panel_rows<3, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
+      case 4: panel_rows<4, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
+      default: panel_rows<5, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
     }
   }
 }
