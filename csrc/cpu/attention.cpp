@@ -34,6 +34,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/attention_common.h"
 #include "cpu/attention_gemm.h"
 #include "cpu/attention_philox.h"
 
@@ -49,25 +50,12 @@ constexpr int64_t kUnbounded = -1;
 // better on the shared 2-core test machine. fp32 tiles: 256 KiB of scores, L2-resident.
 constexpr int64_t kFwdBlockM = 128;
 constexpr int64_t kFwdBlockN = 512;
+// Forward tasks wanted per thread (load balance; the forward's bits do not depend on the split).
+constexpr int64_t kFwdTasksPerThread = 4;
 constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 128;
 // Backward tasks wanted before key blocks are split over tasks (shape-only rule).
 constexpr int64_t kBwdMinTasks = 16;
-
-// rows x dim tile of a (.., L, .., D) tensor with row stride ld, as fp32: the tile itself for
-// fp32, else converted into buf (ld dim). Returns the pointer and sets ld_out.
-template <typename scalar_t>
-inline const float* tile_fp32(const scalar_t* src, int64_t rows, int64_t ld, int64_t dim, float* buf,
-                              int64_t& ld_out) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    ld_out = ld;
-    return src;
-  } else {
-    for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld, buf + r * dim, dim);
-    ld_out = dim;
-    return buf;
-  }
-}
 
 struct Strides3 {
   int64_t b, l, h;
@@ -183,14 +171,14 @@ inline float vec_exp_sum(float* x, int64_t n, float mult, float sub) {
   Vec acc(0.f);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec e = at::vec::fmsub(Vec::loadu(x + c), vm, vs).exp_u20();
+    const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(Vec::loadu(x + c), vm, vs));
     e.store(x + c);
     acc = acc + e;
   }
   float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
   if (c < n) {
     const int64_t count = n - c;
-    const Vec e = at::vec::fmsub(Vec::loadu(x + c, count), vm, vs).exp_u20();
+    const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(Vec::loadu(x + c, count), vm, vs));
     e.store(x + c, count);
     float tail[Vec::size()];
     e.store(tail, count);
@@ -205,7 +193,7 @@ inline void probs_and_dscores(float* s, float* dp, int64_t n, float mult, float 
   const Vec vm(mult), vl(lse), vd(delta), vs(scale);
   for (int64_t c = 0; c < n; c += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - c);
-    const Vec e = at::vec::fmsub(Vec::loadu(s + c, count), vm, vl).exp_u20();
+    const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(Vec::loadu(s + c, count), vm, vl));
     const Vec ds = e * (Vec::loadu(dp + c, count) - vd) * vs;
     if (count == Vec::size()) {
       e.store(s + c);
@@ -235,7 +223,6 @@ inline void store_row(const float* src, scalar_t* dst, int64_t n, float factor) 
 template <typename scalar_t>
 void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse) {
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();  // (B, Lq, H, D)
   const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();  // (B, Lk, Hkv, D)
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();  // (B, Lk, Hkv, D)
@@ -247,72 +234,74 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
   const int64_t q_blocks = (p.lq + BM - 1) / BM;
   static_assert(kFwdBlockN % kPanelWidth == 0, "key blocks start on a panel");
 
-  // K^T and V of every (batch, kv head) packed once as fp32 GEMM panels (O(L) memory, read by
-  // every query block): kt (D x Lk) panels of keys, then v (Lk x D) panels of head dims.
-  const int64_t W = kPanelWidth, key_panels = (p.lk + W - 1) / W, dim_panels = (D + W - 1) / W;
-  const int64_t kt_size = key_panels * D * W, v_panel_stride = p.lk * W;
-  const int64_t head_size = kt_size + dim_panels * v_panel_stride;
-  at::Tensor packed = at::empty({p.batch * p.heads_kv, head_size}, q.options().dtype(at::kFloat));
-  float* packed_ptr = packed.data_ptr<float>();  // (B * Hkv, head_size)
-  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.heads_kv, hk = bh % p.heads_kv;
-      float* head = packed_ptr + bh * head_size;
-      pack_panels_transposed(k_ptr + b * sk.b + hk * sk.h, p.lk, D, sk.l, head, D * W);
-      pack_panels(v_ptr + b * sv.b + hk * sv.h, p.lk, D, sv.l, head + kt_size, v_panel_stride);
-    }
-  });
+  // Tasks: (batch, head, chunk of query blocks), the chunk's blocks interleaved (c, c + chunks,
+  // ...) so that causal chunks cost alike; chunks only where heads are too few for the threads.
+  const int64_t chunks = std::min(q_blocks, (kFwdTasksPerThread * at::get_num_threads() + p.batch * H - 1) /
+                                                (p.batch * H));
+  const int64_t W = kPanelWidth, Dp = padded_dim(D), dim_panels = (D + W - 1) / W;
+  const int64_t max_keys = (p.lk + W - 1) / W * W;
 
-  at::parallel_for(0, p.batch * H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * H * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(BM * BN), acc(BM * D), row_max(BM), row_sum(BM);  // S, O, m, l
-    std::vector<float> q_buf(kFloat ? 0 : BM * D);  // fp32 copy of an fp16 / bf16 q tile
+    std::vector<float> q_rows(BM * Dp);  // the query block as compact fp32 rows
+    // The task's keys as fp32 GEMM panels, packed once per task (L2-resident, read by each of its
+    // query blocks): K^T (D x keys) panels of keys, then V (keys x D) panels of head dims.
+    std::vector<float> key_panels(max_keys * D + dim_panels * max_keys * W);
     std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % q_blocks, h = (task / q_blocks) % H, b = task / (q_blocks * H);
+      const int64_t chunk = task % chunks, h = (task / chunks) % H, b = task / (chunks * H);
       const int64_t hk = h / group;
-      const int64_t i0 = qb * BM, m = std::min(BM, p.lq - i0);
-      int64_t ldq;
-      const float* q_tile = tile_fp32(q_ptr + b * sq.b + i0 * sq.l + h * sq.h, m, sq.l, D, q_buf.data(), ldq);
-      const float* kt_head = packed_ptr + (b * p.heads_kv + hk) * head_size;
-      const float* v_head = kt_head + kt_size;
-      std::fill(acc.begin(), acc.begin() + m * D, 0.f);
-      std::fill(row_max.begin(), row_max.end(), kNegInf);
-      std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      // Key blocks start on a panel; prepare_scores hides the keys before lo(i).
-      const int64_t j_begin = p.lo(i0) / W * W, j_end = p.hi(i0 + m - 1);
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
-        const int64_t n = std::min(BN, j_end - j0);
-        panel_gemm(m, n, D, q_tile, ldq, 1, {kt_head + j0 / W * D * W, D * W}, scores.data(), BN, false);
-        if (p.dropout())
-          dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
-                            keep.data(), BN);
-        for (int64_t r = 0; r < m; ++r) {
-          float* s = scores.data() + r * BN;
-          const float mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
-          const float new_max = std::max(row_max[r], vec_max(s, n) * mult);
-          float* o = acc.data() + r * D;
-          if (new_max == kNegInf) {  // nothing visible yet: P = 0, O stays 0
-            std::fill(s, s + n, 0.f);
-          } else {
-            const float alpha = row_max[r] == kNegInf ? 0.f : std::exp(row_max[r] - new_max);
-            row_sum[r] = row_sum[r] * alpha + vec_exp_sum(s, n, mult, new_max);
-            row_max[r] = new_max;
-            if (alpha != 1.f) vec_scale(o, D, alpha);
+      const int64_t last_block = chunk + (q_blocks - 1 - chunk) / chunks * chunks;
+      const int64_t keys_begin = p.lo(chunk * BM) / W * W;
+      const int64_t keys_end = std::max(keys_begin, p.hi(std::min(p.lq, (last_block + 1) * BM) - 1));
+      const int64_t keys = keys_end - keys_begin, v_panel_stride = keys * W;
+      float* kt_pan = key_panels.data();
+      float* v_pan = kt_pan + (keys + W - 1) / W * D * W;
+      pack_panels_transposed(k_ptr + b * sk.b + keys_begin * sk.l + hk * sk.h, keys, D, sk.l, kt_pan, D * W);
+      pack_panels(v_ptr + b * sv.b + keys_begin * sv.l + hk * sv.h, keys, D, sv.l, v_pan, v_panel_stride);
+      for (int64_t qb = chunk; qb < q_blocks; qb += chunks) {
+        const int64_t i0 = qb * BM, m = std::min(BM, p.lq - i0);
+        pack_rows(q_ptr + b * sq.b + i0 * sq.l + h * sq.h, m, D, sq.l, q_rows.data(), Dp);
+        const float* q_tile = q_rows.data();  // (m, Dp)
+        std::fill(acc.begin(), acc.begin() + m * D, 0.f);
+        std::fill(row_max.begin(), row_max.end(), kNegInf);
+        std::fill(row_sum.begin(), row_sum.end(), 0.f);
+        // Key blocks start on a panel; prepare_scores hides the keys before lo(i).
+        const int64_t j_begin = p.lo(i0) / W * W, j_end = p.hi(i0 + m - 1);
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
+          const int64_t n = std::min(BN, j_end - j0);
+          panel_gemm(m, n, D, q_tile, Dp, 1, {kt_pan + (j0 - keys_begin) / W * D * W, D * W}, scores.data(), BN, false);
+          if (p.dropout())
+            dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
+                              keep.data(), BN);
+          for (int64_t r = 0; r < m; ++r) {
+            float* s = scores.data() + r * BN;
+            const float mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
+            const float new_max = std::max(row_max[r], vec_max(s, n) * mult);
+            float* o = acc.data() + r * D;
+            if (new_max == kNegInf) {  // nothing visible yet: P = 0, O stays 0
+              std::fill(s, s + n, 0.f);
+            } else {
+              const float alpha = row_max[r] == kNegInf ? 0.f : std::exp(row_max[r] - new_max);
+              row_sum[r] = row_sum[r] * alpha + vec_exp_sum(s, n, mult, new_max);
+              row_max[r] = new_max;
+              if (alpha != 1.f) vec_scale(o, D, alpha);
+            }
+            if (p.dropout()) {
+              const float inv_keep = 1.f / (1.f - p.dropout_p);
+              const uint8_t* kr = keep.data() + r * BN;
+              for (int64_t c = 0; c < n; ++c) s[c] = kr[c] ? s[c] * inv_keep : 0.f;
+            }
           }
-          if (p.dropout()) {
-            const float inv_keep = 1.f / (1.f - p.dropout_p);
-            const uint8_t* kr = keep.data() + r * BN;
-            for (int64_t c = 0; c < n; ++c) s[c] = kr[c] ? s[c] * inv_keep : 0.f;
-          }
+          panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D, true);
         }
-        panel_gemm(m, D, n, scores.data(), BN, 1, {v_head + j0 * W, v_panel_stride}, acc.data(), D, true);
-      }
-      for (int64_t r = 0; r < m; ++r) {
-        const int64_t i = i0 + r;
-        scalar_t* o = o_ptr + ((b * p.lq + i) * H + h) * D;
-        const bool dead = row_sum[r] == 0.f;
-        store_row(acc.data() + r * D, o, D, dead ? 0.f : 1.f / row_sum[r]);
-        lse_ptr[(b * H + h) * p.lq + i] = dead ? kNegInf : row_max[r] + std::log(row_sum[r]);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          scalar_t* o = o_ptr + ((b * p.lq + i) * H + h) * D;
+          const bool dead = row_sum[r] == 0.f;
+          store_row(acc.data() + r * D, o, D, dead ? 0.f : 1.f / row_sum[r]);
+          lse_ptr[(b * H + h) * p.lq + i] = dead ? kNegInf : row_max[r] + std::log(row_sum[r]);
+        }
       }
     }
   });
@@ -361,7 +350,6 @@ template <typename scalar_t>
 void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_acc,
                      int64_t splits, at::Tensor& dk, at::Tensor& dv) {
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();      // (B, Lq, H, D)
   const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();      // (B, Lk, Hkv, D)
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();      // (B, Lk, Hkv, D)
