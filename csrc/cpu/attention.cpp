@@ -48,12 +48,12 @@ constexpr int64_t kUnbounded = -1;
 // Tile sizes (queries x keys): torch's CPU flash kernel's forward split for long sequences
 // (it also uses 512-key blocks); no candidate (64..256 x 128..1024) measured consistently
 // better on the shared 2-core test machine. fp32 tiles: 256 KiB of scores, L2-resident.
-constexpr int64_t kFwdBlockM = 128;
+constexpr int64_t kFwdBlockM = 126;
 constexpr int64_t kFwdBlockN = 512;
 // Forward tasks wanted per thread (load balance; the forward's bits do not depend on the split).
 constexpr int64_t kFwdTasksPerThread = 4;
-constexpr int64_t kBwdBlockM = 128;
-constexpr int64_t kBwdBlockN = 128;
+constexpr int64_t kBwdBlockM = 126;
+constexpr int64_t kBwdBlockN = 126;
 // Backward tasks wanted before key blocks are split over tasks (shape-only rule).
 constexpr int64_t kBwdMinTasks = 16;
 
@@ -363,15 +363,15 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
   const int64_t D = p.dim, H = p.heads, Hkv = p.heads_kv, group = H / Hkv;
   const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
   const int64_t key_blocks = (p.lk + BN - 1) / BN;
+  const int64_t LS = padded_dim(BN);  // row stride of the score tiles: aligned rows
   const float inv_keep = p.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
-  static_assert(kBwdBlockN % kPanelWidth == 0 && kBwdBlockM % kPanelWidth == 0, "tiles are whole panels");
 
   const int64_t W = kPanelWidth, Dp = padded_dim(D);
 
   at::parallel_for(0, p.batch * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(BM * BN), dprobs(BM * BN), dk_acc(BN * D), dv_acc(BN * D), dcap(BN);
+    std::vector<float> scores(BM * LS), dprobs(BM * LS), dk_acc(BN * D), dv_acc(BN * D), dcap(BN);
     // This key block: K^T and V^T panels (D x BN: the B operands of S and dP), K rows (BN x Dp: of dQ).
-    const int64_t kt_size = BN / W * D * W;
+    const int64_t kt_size = (BN + W - 1) / W * D * W;
     std::vector<float> key_panels(2 * kt_size + BN * Dp);
     float* kt_pan = key_panels.data();
     float* vt_pan = kt_pan + kt_size;
@@ -380,7 +380,10 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
     // (group, 2, rows, Dp), packed once per task: the A operands of S / dP and the (row-major)
     // B operands of dK += dS^T Q / dV += P^T dO.
     std::vector<float> query_rows;
-    std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
+    // dQ of those queries (group, rows, D), accumulated here (compact: no cache-set aliasing of
+    // the (B, Lq, H, D) rows) and stored once per task.
+    std::vector<float> dq_rows;
+    std::vector<uint8_t> keep(p.dropout() ? BM * LS : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, hk = (task / splits) % Hkv, b = task / (splits * Hkv);
       const scalar_t* k_head = k_ptr + b * sk.b + hk * sk.h;
@@ -391,6 +394,7 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
       const int64_t rows = std::max<int64_t>(0, p.end_query(std::min(p.lk, kb_end * BN)) - rows_begin);
       const int64_t rows_size = rows * Dp;
       query_rows.resize(std::max<size_t>(query_rows.size(), group * 2 * rows_size));
+      dq_rows.assign(group * rows * D, 0.f);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
         float* dst = query_rows.data() + g * 2 * rows_size;
@@ -410,19 +414,20 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
           const float* delta_row = delta_ptr + (b * H + h) * p.lq;
           const float* q_rows = query_rows.data() + (h - hk * group) * 2 * rows_size;  // (rows, Dp)
           const float* do_rows = q_rows + rows_size;
+          float* dq_head = dq_rows.data() + (h - hk * group) * rows * D;  // (rows, D)
           for (int64_t i0 = i_begin; i0 < i_end; i0 += BM) {
             const int64_t m = std::min(BM, i_end - i0);
             const float* q_tile = q_rows + (i0 - rows_begin) * Dp;  // (m, Dp)
             const float* do_tile = do_rows + (i0 - rows_begin) * Dp;
-            panel_gemm(m, n, D, q_tile, Dp, 1, {kt_pan, D * W}, scores.data(), BN, false);
-            panel_gemm(m, n, D, do_tile, Dp, 1, {vt_pan, D * W}, dprobs.data(), BN, false);
+            panel_gemm(m, n, D, q_tile, Dp, 1, {kt_pan, D * W}, scores.data(), LS, false);
+            panel_gemm(m, n, D, do_tile, Dp, 1, {vt_pan, D * W}, dprobs.data(), LS, false);
             if (p.dropout())
               dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
-                                keep.data(), BN);
+                                keep.data(), LS);
             for (int64_t r = 0; r < m; ++r) {
               const int64_t i = i0 + r;
-              float* s = scores.data() + r * BN;   // -> P (then P * Z)
-              float* dp = dprobs.data() + r * BN;  // -> dS * scale
+              float* s = scores.data() + r * LS;   // -> P (then P * Z)
+              float* dp = dprobs.data() + r * LS;  // -> dS * scale
               const float mult = prepare_scores(p, b, h, i, j0, n, s, p.softcap > 0.f ? dcap.data() : nullptr);
               const float lse_i = lse_row[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse_row[i];
               const float delta_i = delta_row[i];
@@ -432,7 +437,7 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
               }
               vec_exp_sum(s, n, mult, lse_i);
               if (p.dropout()) {
-                const uint8_t* kr = keep.data() + r * BN;
+                const uint8_t* kr = keep.data() + r * LS;
                 for (int64_t c = 0; c < n; ++c) {
                   const float z = kr[c] ? inv_keep : 0.f;
                   dp[c] = s[c] * (dp[c] * z - delta_i);
@@ -451,10 +456,9 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
               vec_scale(dp, n, p.scale);
             }
             // dV += P^T dO, dK += dS^T Q (A read transposed), dQ += dS K.
-            panel_gemm(n, D, m, scores.data(), 1, BN, {do_tile, W, Dp}, dv_acc.data(), D, true);
-            panel_gemm(n, D, m, dprobs.data(), 1, BN, {q_tile, W, Dp}, dk_acc.data(), D, true);
-            panel_gemm(m, D, n, dprobs.data(), BN, 1, {k_rows, W, Dp}, dq_split + ((b * p.lq + i0) * H + h) * D,
-                       H * D, true);
+            panel_gemm(n, D, m, scores.data(), 1, LS, {do_tile, W, Dp}, dv_acc.data(), D, true);
+            panel_gemm(n, D, m, dprobs.data(), 1, LS, {q_tile, W, Dp}, dk_acc.data(), D, true);
+            panel_gemm(m, D, n, dprobs.data(), LS, 1, {k_rows, W, Dp}, dq_head + (i0 - rows_begin) * D, D, true);
           }
         }
         for (int64_t c = 0; c < n; ++c) {
@@ -463,6 +467,11 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
           store_row(dv_acc.data() + c * D, dv_ptr + row, D, 1.f);
         }
       }
+      // This split's dQ rows are this task's alone (the buffer is zero elsewhere).
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy_n(dq_rows.data() + (g * rows + r) * D, D,
+                      dq_split + ((b * p.lq + rows_begin + r) * H + hk * group + g) * D);
     }
   });
 }
