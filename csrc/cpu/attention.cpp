@@ -187,6 +187,65 @@ inline float vec_exp_sum(float* x, int64_t n, float mult, float sub) {
   return sum;
 }
 
+// Epilogues of the tile GEMMs (attention_gemm.h) for tiles that every row sees whole, without
+// elementwise features: the row-wise work runs on C's rows while they are in registers.
+
+// Forward S = Q K^T: stores S and keeps a running vector maximum of each row (row_max, 16
+// floats a row, the softmax's max after a horizontal reduction).
+struct RowMaxEpilogue {
+  float* row_max;  // (M, Vec::size())
+  template <int NV, bool kFull>
+  void store(int64_t row, int64_t col, const PanelReg* acc, float* c_row, int64_t cols) const {
+    PlainStore{}.store<NV, kFull>(row, col, acc, c_row, cols);
+    Vec m(kNegInf);
+    for (int v = 0; v < NV; ++v) {
+      const Vec x(acc[v]);
+      m = at::vec::maximum(m, kFull ? x : Vec::set(Vec(kNegInf), x, std::max<int64_t>(0, cols - v * Vec::size())));
+    }
+    float* out = row_max + row * Vec::size();
+    at::vec::maximum(Vec::loadu(out), m).store(out);
+  }
+};
+
+// Backward S = Q K^T -> P = exp(S * mult - lse) (lse +inf for rows that see no key: P = 0).
+struct ProbsEpilogue {
+  const float* lse;  // (M,)
+  float mult;
+  template <int NV, bool kFull>
+  void store(int64_t row, int64_t, const PanelReg* acc, float* c_row, int64_t cols) const {
+    const Vec vm(mult), vl(lse[row]);
+    for (int v = 0; v < NV; ++v) {
+      const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(Vec(acc[v]), vm, vl));
+      if constexpr (kFull) {
+        e.store(c_row + v * Vec::size());
+      } else if (cols > v * Vec::size()) {
+        e.store(c_row + v * Vec::size(), std::min<int64_t>(Vec::size(), cols - v * Vec::size()));
+      }
+    }
+  }
+};
+
+// Backward dP = dO V^T -> dS * scale = P * (dP - delta) * scale, P read back from its tile.
+struct DScoresEpilogue {
+  const float* probs;  // (M, ldp)
+  int64_t ldp;
+  const float* delta;  // (M,)
+  float scale;
+  template <int NV, bool kFull>
+  void store(int64_t row, int64_t col, const PanelReg* acc, float* c_row, int64_t cols) const {
+    const Vec vd(delta[row]), vs(scale);
+    const float* pr = probs + row * ldp + col;
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (kFull) {
+        (Vec::loadu(pr + v * Vec::size()) * (Vec(acc[v]) - vd) * vs).store(c_row + v * Vec::size());
+      } else if (cols > v * Vec::size()) {
+        const int64_t count = std::min<int64_t>(Vec::size(), cols - v * Vec::size());
+        (Vec::loadu(pr + v * Vec::size(), count) * (Vec(acc[v]) - vd) * vs).store(c_row + v * Vec::size(), count);
+      }
+    }
+  }
+};
+
 // Backward without dropout / softcap, one pass: s[c] = P = exp(s[c] * mult - lse);
 // dp[c] = dS * scale = P * (dp[c] - delta) * scale.
 inline void probs_and_dscores(float* s, float* dp, int64_t n, float mult, float lse, float delta, float scale) {
@@ -383,6 +442,7 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
     // dQ of those queries (group, rows, D), accumulated here (compact: no cache-set aliasing of
     // the (B, Lq, H, D) rows) and stored once per task.
     std::vector<float> dq_rows;
+    std::vector<float> lse_tile(BM);
     std::vector<uint8_t> keep(p.dropout() ? BM * LS : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % splits, hk = (task / splits) % Hkv, b = task / (splits * Hkv);
@@ -419,41 +479,52 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
             const int64_t m = std::min(BM, i_end - i0);
             const float* q_tile = q_rows + (i0 - rows_begin) * Dp;  // (m, Dp)
             const float* do_tile = do_rows + (i0 - rows_begin) * Dp;
-            panel_gemm(m, n, D, q_tile, Dp, 1, {kt_pan, D * W}, scores.data(), LS, false);
-            panel_gemm(m, n, D, do_tile, Dp, 1, {vt_pan, D * W}, dprobs.data(), LS, false);
-            if (p.dropout())
-              dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
-                                keep.data(), LS);
-            for (int64_t r = 0; r < m; ++r) {
-              const int64_t i = i0 + r;
-              float* s = scores.data() + r * LS;   // -> P (then P * Z)
-              float* dp = dprobs.data() + r * LS;  // -> dS * scale
-              const float mult = prepare_scores(p, b, h, i, j0, n, s, p.softcap > 0.f ? dcap.data() : nullptr);
-              const float lse_i = lse_row[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse_row[i];
-              const float delta_i = delta_row[i];
-              if (!p.dropout() && p.softcap == 0.f) {  // the common case in one pass
-                probs_and_dscores(s, dp, n, mult, lse_i, delta_i, p.scale);
-                continue;
-              }
-              vec_exp_sum(s, n, mult, lse_i);
-              if (p.dropout()) {
-                const uint8_t* kr = keep.data() + r * LS;
-                for (int64_t c = 0; c < n; ++c) {
-                  const float z = kr[c] ? inv_keep : 0.f;
-                  dp[c] = s[c] * (dp[c] * z - delta_i);
-                  s[c] *= z;
+            // Every row sees the whole tile and nothing else applies: P and dS in the GEMMs' epilogues.
+            const bool fused = !p.elementwise() && !p.dropout() && p.lo(i0 + m - 1) <= j0 && p.hi(i0) >= j0 + n;
+            if (fused) {
+              for (int64_t r = 0; r < m; ++r)
+                lse_tile[r] = lse_row[i0 + r] == kNegInf ? std::numeric_limits<float>::infinity() : lse_row[i0 + r];
+              panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, {kt_pan, D * W}, scores.data(), LS,
+                                  ProbsEpilogue{lse_tile.data(), p.scale});
+              panel_gemm_epilogue(m, n, D, do_tile, Dp, 1, {vt_pan, D * W}, dprobs.data(), LS,
+                                  DScoresEpilogue{scores.data(), LS, delta_row + i0, p.scale});
+            } else {
+              panel_gemm(m, n, D, q_tile, Dp, 1, {kt_pan, D * W}, scores.data(), LS, false);
+              panel_gemm(m, n, D, do_tile, Dp, 1, {vt_pan, D * W}, dprobs.data(), LS, false);
+              if (p.dropout())
+                dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
+                                  keep.data(), LS);
+              for (int64_t r = 0; r < m; ++r) {
+                const int64_t i = i0 + r;
+                float* s = scores.data() + r * LS;   // -> P (then P * Z)
+                float* dp = dprobs.data() + r * LS;  // -> dS * scale
+                const float mult = prepare_scores(p, b, h, i, j0, n, s, p.softcap > 0.f ? dcap.data() : nullptr);
+                const float lse_i = lse_row[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse_row[i];
+                const float delta_i = delta_row[i];
+                if (!p.dropout() && p.softcap == 0.f) {  // the common case in one pass
+                  probs_and_dscores(s, dp, n, mult, lse_i, delta_i, p.scale);
+                  continue;
                 }
-              } else {
-                const Vec vdelta(delta_i);
-                int64_t c = 0;
-                for (; c + Vec::size() <= n; c += Vec::size())
-                  (Vec::loadu(s + c) * (Vec::loadu(dp + c) - vdelta)).store(dp + c);
-                for (; c < n; ++c) dp[c] = s[c] * (dp[c] - delta_i);
+                vec_exp_sum(s, n, mult, lse_i);
+                if (p.dropout()) {
+                  const uint8_t* kr = keep.data() + r * LS;
+                  for (int64_t c = 0; c < n; ++c) {
+                    const float z = kr[c] ? inv_keep : 0.f;
+                    dp[c] = s[c] * (dp[c] * z - delta_i);
+                    s[c] *= z;
+                  }
+                } else {
+                  const Vec vdelta(delta_i);
+                  int64_t c = 0;
+                  for (; c + Vec::size() <= n; c += Vec::size())
+                    (Vec::loadu(s + c) * (Vec::loadu(dp + c) - vdelta)).store(dp + c);
+                  for (; c < n; ++c) dp[c] = s[c] * (dp[c] - delta_i);
+                }
+                if (p.softcap > 0.f) {
+                  for (int64_t c = 0; c < n; ++c) dp[c] *= dcap[c];
+                }
+                vec_scale(dp, n, p.scale);
               }
-              if (p.softcap > 0.f) {
-                for (int64_t c = 0; c < n; ++c) dp[c] *= dcap[c];
-              }
-              vec_scale(dp, n, p.scale);
             }
             // dV += P^T dO, dK += dS^T Q (A read transposed), dQ += dS K.
             panel_gemm(n, D, m, scores.data(), 1, LS, {do_tile, W, Dp}, dv_acc.data(), D, true);

@@ -144,12 +144,30 @@ inline PanelReg reg_load_part(const float* src, int64_t count) { return PanelVec
 inline void reg_store_part(float* dst, PanelReg x, int64_t count) { x.store(dst, count); }
 #endif
 
-// One MR x (NV vectors) block of C over the whole K; cols (<= NV vectors, all of them when
-// kFull) are stored. kFull is a template argument: with a run-time flag GCC keeps the
-// accumulators in memory.
-template <int MR, int NV, bool kAccumulate, bool kFull>
+// What a GEMM does with each finished row of a register block: store(row, col, acc, c_row,
+// cols) gets the NV accumulators of C's row `row`, columns [col, col + NV vectors), of which
+// cols are real (all NV vectors when kFull), and c_row = &C[row][col].
+struct PlainStore {
+  template <int NV, bool kFull>
+  void store(int64_t, int64_t, const PanelReg* acc, float* c_row, int64_t cols) const {
+    constexpr int64_t S = PanelVec::size();
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (kFull) {
+        reg_store(c_row + v * S, acc[v]);
+      } else {
+        const int64_t count = std::min<int64_t>(S, cols - v * S);
+        if (count > 0) reg_store_part(c_row + v * S, acc[v], count);
+      }
+    }
+  }
+};
+
+// One MR x (NV vectors) block of C (rows row0.., columns col0..) over the whole K; cols (<= NV
+// vectors, all of them when kFull) are real. kFull is a template argument: with a run-time flag
+// GCC keeps the accumulators in memory.
+template <int MR, int NV, bool kAccumulate, bool kFull, class Epilogue>
 inline void panel_block(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, float* c,
-                        int64_t ldc, int64_t cols) {
+                        int64_t ldc, int64_t cols, int64_t row0, int64_t col0, const Epilogue& epilogue) {
   constexpr int64_t S = PanelVec::size();
   constexpr bool full = kFull;
   PanelReg acc[MR][NV];
@@ -174,55 +192,48 @@ inline void panel_block(int64_t K, const float* a, int64_t ars, int64_t acs, con
       for (int v = 0; v < NV; ++v) acc[i][v] = reg_fmadd(av, bv[v], acc[i][v]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (full) {
-        reg_store(c + i * ldc + v * S, acc[i][v]);
-      } else {
-        const int64_t count = std::min<int64_t>(S, cols - v * S);
-        if (count > 0) reg_store_part(c + i * ldc + v * S, acc[i][v], count);
-      }
-    }
+  for (int i = 0; i < MR; ++i) epilogue.template store<NV, full>(row0 + i, col0, acc[i], c + i * ldc, cols);
 }
 
-template <int MR, int NV, bool kAccumulate>
+template <int MR, int NV, bool kAccumulate, class Epilogue>
 inline void panel_cols(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, float* c,
-                       int64_t ldc, int64_t cols) {
+                       int64_t ldc, int64_t cols, int64_t row0, int64_t col0, const Epilogue& epilogue) {
   if (cols == NV * PanelVec::size())
-    panel_block<MR, NV, kAccumulate, true>(K, a, ars, acs, b, brs, c, ldc, cols);
+    panel_block<MR, NV, kAccumulate, true>(K, a, ars, acs, b, brs, c, ldc, cols, row0, col0, epilogue);
   else
-    panel_block<MR, NV, kAccumulate, false>(K, a, ars, acs, b, brs, c, ldc, cols);
+    panel_block<MR, NV, kAccumulate, false>(K, a, ars, acs, b, brs, c, ldc, cols, row0, col0, epilogue);
 }
 
-template <int MR, bool kAccumulate>
+template <int MR, bool kAccumulate, class Epilogue>
 inline void panel_rows(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, float* c,
-                       int64_t ldc, int64_t cols) {
+                       int64_t ldc, int64_t cols, int64_t row0, int64_t col0, const Epilogue& epilogue) {
   switch ((cols + PanelVec::size() - 1) / PanelVec::size()) {
-    case 1: panel_cols<MR, 1, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols); break;
-    case 2: panel_cols<MR, 2, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols); break;
-    case 3: panel_cols<MR, 3, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols); break;
-    default: panel_cols<MR, 4, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols); break;
+    case 1: panel_cols<MR, 1, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols, row0, col0, epilogue); break;
+    case 2: panel_cols<MR, 2, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols, row0, col0, epilogue); break;
+    case 3: panel_cols<MR, 3, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols, row0, col0, epilogue); break;
+    default: panel_cols<MR, 4, kAccumulate>(K, a, ars, acs, b, brs, c, ldc, cols, row0, col0, epilogue); break;
   }
 }
 
-template <bool kAccumulate>
+template <bool kAccumulate, class Epilogue>
 inline void panel_gemm_impl(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, Panels b,
-                            float* c, int64_t ldc) {
+                            float* c, int64_t ldc, const Epilogue& epilogue) {
   for (int64_t j0 = 0; j0 < N; j0 += kPanelWidth) {
     const float* panel = b.data + (j0 / kPanelWidth) * b.panel_stride;
-    const int64_t cols = std::min(kPanelWidth, N - j0);
+    const int64_t cols = std::min(kPanelWidth, N - j0), brs = b.row_stride;
     int64_t i0 = 0;
     for (; i0 + kPanelRows <= M; i0 += kPanelRows)
-      panel_rows<kPanelRows, kAccumulate>(K, a + i0 * ars, ars, acs, panel, b.row_stride, c + i0 * ldc + j0, ldc, cols);
+      panel_rows<kPanelRows, kAccumulate>(K, a + i0 * ars, ars, acs, panel, brs, c + i0 * ldc + j0, ldc, cols, i0, j0,
+                                          epilogue);
     const float* a_rest = a + i0 * ars;
     float* c_rest = c + i0 * ldc + j0;
     switch (M - i0) {
       case 0: break;
-      case 1: panel_rows<1, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
-      case 2: panel_rows<2, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
-      case 3: panel_rows<3, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
-      case 4: panel_rows<4, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
-      default: panel_rows<5, kAccumulate>(K, a_rest, ars, acs, panel, b.row_stride, c_rest, ldc, cols); break;
+      case 1: panel_rows<1, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
+      case 2: panel_rows<2, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
+      case 3: panel_rows<3, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
+      case 4: panel_rows<4, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
+      default: panel_rows<5, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
     }
   }
 }
@@ -231,9 +242,17 @@ inline void panel_gemm_impl(int64_t M, int64_t N, int64_t K, const float* a, int
 inline void panel_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, Panels b, float* c,
                        int64_t ldc, bool accumulate) {
   if (accumulate)
-    panel_gemm_impl<true>(M, N, K, a, ars, acs, b, c, ldc);
+    panel_gemm_impl<true>(M, N, K, a, ars, acs, b, c, ldc, PlainStore{});
   else
-    panel_gemm_impl<false>(M, N, K, a, ars, acs, b, c, ldc);
+    panel_gemm_impl<false>(M, N, K, a, ars, acs, b, c, ldc, PlainStore{});
+}
+
+// C = A B with the epilogue applied to every row of C as it leaves the registers (an elementwise
+// function fused into the GEMM: no extra pass over C).
+template <class Epilogue>
+inline void panel_gemm_epilogue(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, Panels b,
+                                float* c, int64_t ldc, const Epilogue& epilogue) {
+  panel_gemm_impl<false>(M, N, K, a, ars, acs, b, c, ldc, epilogue);
 }
 
 }  // namespace fastattn_cpu
