@@ -48,12 +48,12 @@ constexpr int64_t kUnbounded = -1;
 // Tile sizes (queries x keys): torch's CPU flash kernel's forward split for long sequences
 // (it also uses 512-key blocks); no candidate (64..256 x 128..1024) measured consistently
 // better on the shared 2-core test machine. fp32 tiles: 256 KiB of scores, L2-resident.
-constexpr int64_t kFwdBlockM = 126;
+constexpr int64_t kFwdBlockM = 128;
 constexpr int64_t kFwdBlockN = 512;
 // Forward tasks wanted per thread (load balance; the forward's bits do not depend on the split).
 constexpr int64_t kFwdTasksPerThread = 4;
-constexpr int64_t kBwdBlockM = 126;
-constexpr int64_t kBwdBlockN = 126;
+constexpr int64_t kBwdBlockM = 128;
+constexpr int64_t kBwdBlockN = 128;
 // Backward tasks wanted before key blocks are split over tasks (shape-only rule).
 constexpr int64_t kBwdMinTasks = 16;
 
@@ -303,6 +303,7 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
   at::parallel_for(0, p.batch * H * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(BM * BN), acc(BM * D), row_max(BM), row_sum(BM);  // S, O, m, l
     std::vector<float> q_rows(BM * Dp);  // the query block as compact fp32 rows
+    std::vector<float> tile_max(BM * Vec::size());  // RowMaxEpilogue's vector maxima
     // The task's keys as fp32 GEMM panels, packed once per task (L2-resident, read by each of its
     // query blocks): K^T (D x keys) panels of keys, then V (keys x D) panels of head dims.
     std::vector<float> key_panels(max_keys * D + dim_panels * max_keys * W);
@@ -329,14 +330,29 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
         const int64_t j_begin = p.lo(i0) / W * W, j_end = p.hi(i0 + m - 1);
         for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
           const int64_t n = std::min(BN, j_end - j0);
-          panel_gemm(m, n, D, q_tile, Dp, 1, {kt_pan + (j0 - keys_begin) / W * D * W, D * W}, scores.data(), BN, false);
+          // Every row sees the whole tile and nothing else applies: row maxima in the GEMM's epilogue.
+          const bool fused = !p.elementwise() && p.lo(i0 + m - 1) <= j0 && p.hi(i0) >= j0 + n;
+          const Panels kt_block{kt_pan + (j0 - keys_begin) / W * D * W, D * W};
+          if (fused) {
+            std::fill(tile_max.begin(), tile_max.end(), kNegInf);
+            panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN, RowMaxEpilogue{tile_max.data()});
+          } else {
+            panel_gemm(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN, false);
+          }
           if (p.dropout())
             dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
                               keep.data(), BN);
           for (int64_t r = 0; r < m; ++r) {
             float* s = scores.data() + r * BN;
-            const float mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
-            const float new_max = std::max(row_max[r], vec_max(s, n) * mult);
+            float mult = p.scale, s_max;
+            if (fused) {
+              s_max = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); },
+                                                      Vec::loadu(tile_max.data() + r * Vec::size()));
+            } else {
+              mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
+              s_max = vec_max(s, n);
+            }
+            const float new_max = std::max(row_max[r], s_max * mult);
             float* o = acc.data() + r * D;
             if (new_max == kNegInf) {  // nothing visible yet: P = 0, O stays 0
               std::fill(s, s + n, 0.f);
