@@ -41,6 +41,7 @@
 namespace fastattn_cpu {
 namespace {
 
+using fastattn_cpu_common::vec_scale;
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kUnbounded = -1;
@@ -190,20 +191,51 @@ inline float vec_exp_sum(float* x, int64_t n, float mult, float sub) {
 // Epilogues of the tile GEMMs (attention_gemm.h) for tiles that every row sees whole, without
 // elementwise features: the row-wise work runs on C's rows while they are in registers.
 
-// Forward S = Q K^T: stores S and keeps a running vector maximum of each row (row_max, 16
-// floats a row, the softmax's max after a horizontal reduction).
-struct RowMaxEpilogue {
-  float* row_max;  // (M, Vec::size())
+// Forward S = Q K^T -> P = exp(S * scale - m) with online softmax state per row: m (row_max),
+// lane-wise sums of P (sum_vec) and the output accumulators o. m is lazy: it moves only when a
+// score exceeds it by kLazyMaxSlack, and then rescales this row's P stored so far in this tile,
+// its sums and o (in the first tile of a row: always, at its first panel). P <= e^kLazyMaxSlack.
+constexpr float kLazyMaxSlack = 8.f;
+struct SoftmaxEpilogue {
+  float* row_max;   // (M,)
+  float* row_sum;   // (M,): the general path's scalar sums, rescaled alike
+  float* sum_vec;   // (M, Vec::size())
+  float* o;         // (M, D)
+  int64_t D;
+  float scale;
   template <int NV, bool kFull>
   void store(int64_t row, int64_t col, const PanelReg* acc, float* c_row, int64_t cols) const {
-    PlainStore{}.store<NV, kFull>(row, col, acc, c_row, cols);
-    Vec m(kNegInf);
+    constexpr int64_t S = Vec::size();
+    Vec x[NV];
+    Vec x_max(kNegInf);
     for (int v = 0; v < NV; ++v) {
-      const Vec x(acc[v]);
-      m = at::vec::maximum(m, kFull ? x : Vec::set(Vec(kNegInf), x, std::max<int64_t>(0, cols - v * Vec::size())));
+      x[v] = kFull ? Vec(acc[v]) : Vec::set(Vec(kNegInf), Vec(acc[v]), std::max<int64_t>(0, cols - v * S));
+      x_max = at::vec::maximum(x_max, x[v]);
     }
-    float* out = row_max + row * Vec::size();
-    at::vec::maximum(Vec::loadu(out), m).store(out);
+    float m = row_max[row];
+    // Raw scores above (m + slack) / scale (scale > 0)? All of them while m is -inf.
+    if ((x_max > Vec((m + kLazyMaxSlack) / scale)).zero_mask() != (1 << S) - 1) {
+      const float new_max = std::max(m, scale * at::vec::vec_reduce_all<float>(
+                                                   [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x_max));
+      const float factor = std::exp(m - new_max);  // 0 while m is -inf
+      vec_scale(c_row - col, col, factor);
+      vec_scale(sum_vec + row * S, S, factor);
+      vec_scale(o + row * D, D, factor);
+      row_sum[row] *= factor;
+      row_max[row] = m = new_max;
+    }
+    const Vec vs(scale), vm(m);
+    Vec sum = Vec::loadu(sum_vec + row * S);
+    for (int v = 0; v < NV; ++v) {
+      const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(x[v], vs, vm));  // 0 past cols
+      sum = sum + e;
+      if constexpr (kFull) {
+        e.store(c_row + v * S);
+      } else if (cols > v * S) {
+        e.store(c_row + v * S, std::min<int64_t>(S, cols - v * S));
+      }
+    }
+    sum.store(sum_vec + row * S);
   }
 };
 
@@ -264,12 +296,6 @@ inline void probs_and_dscores(float* s, float* dp, int64_t n, float mult, float 
   }
 }
 
-inline void vec_scale(float* x, int64_t n, float factor) {
-  const Vec f(factor);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(x + c) * f).store(x + c);
-  for (; c < n; ++c) x[c] *= factor;
-}
 
 template <typename scalar_t>
 inline void store_row(const float* src, scalar_t* dst, int64_t n, float factor) {
@@ -303,7 +329,7 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
   at::parallel_for(0, p.batch * H * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(BM * BN), acc(BM * D), row_max(BM), row_sum(BM);  // S, O, m, l
     std::vector<float> q_rows(BM * Dp);  // the query block as compact fp32 rows
-    std::vector<float> tile_max(BM * Vec::size());  // RowMaxEpilogue's vector maxima
+    std::vector<float> sum_vec(BM * Vec::size());  // SoftmaxEpilogue's lane-wise sums
     // The task's keys as fp32 GEMM panels, packed once per task (L2-resident, read by each of its
     // query blocks): K^T (D x keys) panels of keys, then V (keys x D) panels of head dims.
     std::vector<float> key_panels(max_keys * D + dim_panels * max_keys * W);
@@ -326,33 +352,28 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
         std::fill(acc.begin(), acc.begin() + m * D, 0.f);
         std::fill(row_max.begin(), row_max.end(), kNegInf);
         std::fill(row_sum.begin(), row_sum.end(), 0.f);
+        std::fill(sum_vec.begin(), sum_vec.end(), 0.f);
         // Key blocks start on a panel; prepare_scores hides the keys before lo(i).
         const int64_t j_begin = p.lo(i0) / W * W, j_end = p.hi(i0 + m - 1);
         for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
           const int64_t n = std::min(BN, j_end - j0);
-          // Every row sees the whole tile and nothing else applies: row maxima in the GEMM's epilogue.
-          const bool fused = !p.elementwise() && p.lo(i0 + m - 1) <= j0 && p.hi(i0) >= j0 + n;
           const Panels kt_block{kt_pan + (j0 - keys_begin) / W * D * W, D * W};
-          if (fused) {
-            std::fill(tile_max.begin(), tile_max.end(), kNegInf);
-            panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN, RowMaxEpilogue{tile_max.data()});
-          } else {
-            panel_gemm(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN, false);
+          // Every row sees the whole tile and nothing else applies: the softmax in the GEMM's epilogue.
+          if (!p.elementwise() && !p.dropout() && p.lo(i0 + m - 1) <= j0 && p.hi(i0) >= j0 + n) {
+            panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN,
+                                SoftmaxEpilogue{row_max.data(), row_sum.data(), sum_vec.data(), acc.data(), D, p.scale});
+            panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
+                       true);
+            continue;
           }
+          panel_gemm(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN, false);
           if (p.dropout())
             dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
                               keep.data(), BN);
           for (int64_t r = 0; r < m; ++r) {
             float* s = scores.data() + r * BN;
-            float mult = p.scale, s_max;
-            if (fused) {
-              s_max = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); },
-                                                      Vec::loadu(tile_max.data() + r * Vec::size()));
-            } else {
-              mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
-              s_max = vec_max(s, n);
-            }
-            const float new_max = std::max(row_max[r], s_max * mult);
+            const float mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
+            const float new_max = std::max(row_max[r], vec_max(s, n) * mult);
             float* o = acc.data() + r * D;
             if (new_max == kNegInf) {  // nothing visible yet: P = 0, O stays 0
               std::fill(s, s + n, 0.f);
@@ -360,7 +381,10 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
               const float alpha = row_max[r] == kNegInf ? 0.f : std::exp(row_max[r] - new_max);
               row_sum[r] = row_sum[r] * alpha + vec_exp_sum(s, n, mult, new_max);
               row_max[r] = new_max;
-              if (alpha != 1.f) vec_scale(o, D, alpha);
+              if (alpha != 1.f) {
+                vec_scale(o, D, alpha);
+                vec_scale(sum_vec.data() + r * Vec::size(), Vec::size(), alpha);
+              }
             }
             if (p.dropout()) {
               const float inv_keep = 1.f / (1.f - p.dropout_p);
@@ -373,9 +397,11 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           scalar_t* o = o_ptr + ((b * p.lq + i) * H + h) * D;
-          const bool dead = row_sum[r] == 0.f;
-          store_row(acc.data() + r * D, o, D, dead ? 0.f : 1.f / row_sum[r]);
-          lse_ptr[(b * H + h) * p.lq + i] = dead ? kNegInf : row_max[r] + std::log(row_sum[r]);
+          const float sum = row_sum[r] + at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; },
+                                                                        Vec::loadu(sum_vec.data() + r * Vec::size()));
+          const bool dead = sum == 0.f;
+          store_row(acc.data() + r * D, o, D, dead ? 0.f : 1.f / sum);
+          lse_ptr[(b * H + h) * p.lq + i] = dead ? kNegInf : row_max[r] + std::log(sum);
         }
       }
     }
