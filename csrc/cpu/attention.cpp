@@ -52,11 +52,11 @@ constexpr int64_t kUnbounded = -1;
 constexpr int64_t kFwdBlockM = 128;
 constexpr int64_t kFwdBlockN = 512;
 // Forward tasks wanted per thread (load balance; the forward's bits do not depend on the split).
-constexpr int64_t kFwdTasksPerThread = 4;
+constexpr int64_t kFwdTasksPerThread = 2;
 constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 128;
 // Backward tasks wanted before key blocks are split over tasks (shape-only rule).
-constexpr int64_t kBwdMinTasks = 16;
+constexpr int64_t kBwdMinTasks = 8;
 
 struct Strides3 {
   int64_t b, l, h;
