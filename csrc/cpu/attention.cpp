@@ -1,11 +1,16 @@
 // CPU FlashAttention-2 (forward and backward) for the ``cpu`` backend: torch.ops.fastattn.cpu_attention_*.
 //
 // Layout: flash (B, L, H, D), any strides with a contiguous head dim; lse (B, H, Lq) fp32,
-// natural log. Forward tile GEMMs: fp32, register-blocked (attention_gemm.h) on K^T / V packed
-// once per (batch, kv head); backward tile GEMMs: fp32 BLAS sgemm calls (MKL in torch's x86
-// wheels; the panel kernel measured no faster there). fp16 / bf16 are converted to fp32 first,
-// so probabilities and dS are never rounded to the input dtype. Softmax and exp are vectorized with
-// at::vec::Vectorized (exp_u20).
+// natural log. Every tile GEMM is fp32 and register-blocked (attention_gemm.h) on operands
+// packed once per task into compact fp32 buffers (K^T / V per forward task; Q / dO rows per
+// backward task, K^T / V^T / K per key block): no BLAS call overhead, no cache-set aliasing of
+// the (.., L, H, D) row strides. fp16 / bf16 are converted to fp32 by that packing, so
+// probabilities and dS are never rounded to the input dtype. exp: exp_fast (attention_common.h).
+//
+// Tiles that every row sees whole, without elementwise features (masks, ALiBi, softcap,
+// dropout), take the fused path: the softmax (forward) or P and dS (backward) are computed in
+// the GEMM epilogues while the scores are in registers. Other tiles take the general path:
+// prepare_scores per row, then the same vectorized math over the stored tile.
 //
 // Visibility of key j to query i: ``lo(i) <= j < hi(i)`` with lo / hi from causal and the
 // sliding window (i + shift is query i's diagonal), then key_padding_mask and a bool
@@ -14,10 +19,10 @@
 // never visited. A row that sees no key gets output 0 and lse -inf; the backward reads lse
 // -inf as +inf, so every probability of that row and its gradients are 0.
 //
-// Forward: parallel over (batch, head, query block); online softmax over key blocks.
+// Forward: parallel over (batch, head, chunk of query blocks); online softmax over key blocks.
 // Backward: delta = rowsum(dO * O); then parallel over (batch, kv head, key split): each
-// task owns its keys' dK / dV (summed over the kv head's query heads, no k/v copies) and
-// accumulates dQ into its split's own fp32 buffer; the splits are summed in a fixed order.
+// task owns its keys' dK / dV (summed over the kv head's query heads, no k/v copies) and its
+// split's dQ (accumulated in a compact buffer, stored once); the splits are summed in a fixed order.
 // No atomics: bitwise reproducible by construction. The split count depends on the shapes
 // only (not on the thread count).
 //
@@ -46,9 +51,9 @@ using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kUnbounded = -1;
 
-// Tile sizes (queries x keys): torch's CPU flash kernel's forward split for long sequences
-// (it also uses 512-key blocks); no candidate (64..256 x 128..1024) measured consistently
-// better on the shared 2-core test machine. fp32 tiles: 256 KiB of scores, L2-resident.
+// Tile sizes (queries x keys). Forward: torch's CPU flash kernel's split for long sequences
+// (256 KiB of fp32 scores, L2-resident). Backward: 128 x 128 (five 64 KiB-class operands per
+// tile in L2; 126-row tiles, whole 6-row register blocks, measured slower: a 16-key tail block).
 constexpr int64_t kFwdBlockM = 128;
 constexpr int64_t kFwdBlockN = 512;
 // Forward tasks wanted per thread (load balance; the forward's bits do not depend on the split).
@@ -361,7 +366,8 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
           // Every row sees the whole tile and nothing else applies: the softmax in the GEMM's epilogue.
           if (!p.elementwise() && !p.dropout() && p.lo(i0 + m - 1) <= j0 && p.hi(i0) >= j0 + n) {
             panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN,
-                                SoftmaxEpilogue{row_max.data(), row_sum.data(), sum_vec.data(), acc.data(), D, p.scale});
+                                SoftmaxEpilogue{row_max.data(), row_sum.data(), sum_vec.data(), acc.data(), D,
+                                                p.scale});
             panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
                        true);
             continue;
@@ -392,7 +398,8 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
               for (int64_t c = 0; c < n; ++c) s[c] = kr[c] ? s[c] * inv_keep : 0.f;
             }
           }
-          panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D, true);
+          panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
+                     true);
         }
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
@@ -428,7 +435,8 @@ void delta_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& out
         if constexpr (std::is_same_v<scalar_t, float>) {
           Vec acc(0.f);
           int64_t c = 0;
-          for (; c + Vec::size() <= D; c += Vec::size()) acc = at::vec::fmadd(Vec::loadu(d + c), Vec::loadu(o + c), acc);
+          for (; c + Vec::size() <= D; c += Vec::size())
+            acc = at::vec::fmadd(Vec::loadu(d + c), Vec::loadu(o + c), acc);
           sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
           for (; c < D; ++c) sum += d[c] * o[c];
         } else {

@@ -1,6 +1,5 @@
-// Helpers shared by the cpu backend's attention kernels (attention_kvcache.cpp; attention.cpp
-// keeps its own copies until its tuning branch lands): fp32 row conversion, vectorized
-// softmax pieces, the ALiBi slopes at the op boundary.
+// Helpers shared by the cpu backend's attention kernels (attention_kvcache.cpp, attention.cpp):
+// fp32 row conversion, vectorized softmax pieces (exp_fast), the ALiBi slopes at the op boundary.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -2,10 +2,12 @@
 //
 // C (M x N, row stride ldc) = or += A (M x K) B (K x N). A is read in place through two strides
 // (element (i, k) at a[i * ars + k * acs]: row-major tiles and transposed tiles alike); B is
-// packed into panels of kPanelWidth columns so that the inner loop reads it contiguously from L1.
-// Tile shapes here are small (K = head dim or one key / query block), where a BLAS call's own
-// packing and dispatch cost dominate: with the operands packed once per key block (or per head)
-// this kernel measured 1.1-1.3x MKL's sgemm on 128 x 512 x 64 tiles.
+// packed into panels of kPanelWidth columns (or is row-major with a compact row stride) so that
+// the inner loop reads it contiguously. Tile shapes here are small (K = head dim or one key /
+// query block), where a BLAS call's own packing and dispatch cost dominate: with the operands
+// packed once per task or key block this kernel measured 1.05-1.3x MKL's sgemm on the forward's
+// and backward's 128 x 128 x 64 / 128 x 512 x 64 tiles. An epilogue functor may replace the
+// plain store of C's rows (elementwise work fused into the GEMM).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -84,7 +86,8 @@ inline void transpose_16x16(const float* src, int64_t lds, float* dst, int64_t l
   // r[4g + j]'s 128-bit lane l: column 4l + j of rows 4g..4g+3.
   for (int j = 0; j < 4; ++j) {
     const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
-    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512 d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
     _mm512_storeu_ps(dst + (j + 0) * ldd, _mm512_shuffle_f32x4(a, c, 0x88));
     _mm512_storeu_ps(dst + (j + 8) * ldd, _mm512_shuffle_f32x4(a, c, 0xdd));
     _mm512_storeu_ps(dst + (j + 4) * ldd, _mm512_shuffle_f32x4(b, d, 0x88));
@@ -106,7 +109,8 @@ inline void pack_panels_transposed(const scalar_t* src, int64_t rows, int64_t co
     if constexpr (std::is_same_v<scalar_t, float>) {
       c_done = cols / 16 * 16;
       for (; r + 16 <= width; r += 16)
-        for (int64_t c = 0; c < c_done; c += 16) transpose_16x16(src + (r0 + r) * ld + c, ld, panel + c * kPanelWidth + r, kPanelWidth);
+        for (int64_t c = 0; c < c_done; c += 16)
+          transpose_16x16(src + (r0 + r) * ld + c, ld, panel + c * kPanelWidth + r, kPanelWidth);
     }
 #endif
     for (int64_t c = c_done; c < cols; ++c)
@@ -238,7 +242,9 @@ inline void panel_gemm_impl(int64_t M, int64_t N, int64_t K, const float* a, int
         case 2: panel_rows<2, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
         case 3: panel_rows<3, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
         case 4: panel_rows<4, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
-        default: panel_rows<5, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue); break;
+        default:
+          panel_rows<5, kAccumulate>(K, a_rest, ars, acs, panel, brs, c_rest, ldc, cols, i0, j0, epilogue);
+          break;
       }
       i0 += rows;
     }
