@@ -465,7 +465,7 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
   const scalar_t* do_ptr = dout.const_data_ptr<scalar_t>();  // (B, Lq, H, D)
   const float* lse_ptr = lse.const_data_ptr<float>();        // (B, H, Lq)
   const float* delta_ptr = delta.const_data_ptr<float>();    // (B, H, Lq)
-  float* dq_ptr = dq_acc.data_ptr<float>();                  // (splits, B, Lq, H, D) fp32, zeroed
+  float* dq_ptr = dq_acc.data_ptr<float>();                  // (splits, B, Lq, H, D) fp32
   scalar_t* dk_ptr = dk.data_ptr<scalar_t>();                // (B, Lk, Hkv, D) contiguous
   scalar_t* dv_ptr = dv.data_ptr<scalar_t>();                // (B, Lk, Hkv, D) contiguous
   const Strides3 sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), sd = strides_of(dout);
@@ -588,11 +588,16 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
           store_row(dv_acc.data() + c * D, dv_ptr + row, D, 1.f);
         }
       }
-      // This split's dQ rows are this task's alone (the buffer is zero elsewhere).
+      // This split's dQ of these heads is this task's alone: every row written (0 where no key
+      // of the split is seen), so the buffer needs no zeroing.
       for (int64_t g = 0; g < group; ++g)
-        for (int64_t r = 0; r < rows; ++r)
-          std::copy_n(dq_rows.data() + (g * rows + r) * D, D,
-                      dq_split + ((b * p.lq + rows_begin + r) * H + hk * group + g) * D);
+        for (int64_t i = 0; i < p.lq; ++i) {
+          float* dst = dq_split + ((b * p.lq + i) * H + hk * group + g) * D;
+          if (i >= rows_begin && i < rows_begin + rows)
+            std::copy_n(dq_rows.data() + (g * rows + i - rows_begin) * D, D, dst);
+          else
+            std::fill(dst, dst + D, 0.f);
+        }
     }
   });
 }
@@ -721,8 +726,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const int64_t splits = backward_splits(p, (p.lk + kBwdBlockN - 1) / kBwdBlockN);
   const bool accumulate_in_place = splits == 1 && q.scalar_type() == at::kFloat;
   at::Tensor delta = at::empty({p.batch, p.heads, p.lq}, q.options().dtype(at::kFloat));
-  at::Tensor dq_acc = accumulate_in_place ? at::zeros(q.sizes(), q.options())
-                                          : at::zeros({splits, p.batch, p.lq, p.heads, p.dim},
+  at::Tensor dq_acc = accumulate_in_place ? at::empty(q.sizes(), q.options())
+                                          : at::empty({splits, p.batch, p.lq, p.heads, p.dim},
                                                       q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
