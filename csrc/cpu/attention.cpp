@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -62,6 +63,18 @@ constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 128;
 // Backward tasks wanted before key blocks are split over tasks (shape-only rule).
 constexpr int64_t kBwdMinTasks = 8;
+
+// Runs body(next_task) on torch's threads, once per thread; next_task() hands out 0, 1, 2, ...
+// (>= tasks when done) in turn, so a thread that is slowed or descheduled (a shared machine)
+// does not hold the others back as a static split would. The results never depend on which
+// thread runs a task.
+template <class Body>
+inline void parallel_tasks(int64_t tasks, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const auto next_task = [&next] { return next.fetch_add(1, std::memory_order_relaxed); };
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1,
+                   [&](int64_t, int64_t) { body(next_task); });
+}
 
 struct Strides3 {
   int64_t b, l, h;
@@ -331,7 +344,8 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
   const int64_t W = kPanelWidth, Dp = padded_dim(D), dim_panels = (D + W - 1) / W;
   const int64_t max_keys = (p.lk + W - 1) / W * W;
 
-  at::parallel_for(0, p.batch * H * chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = p.batch * H * chunks;
+  parallel_tasks(tasks, [&](const auto& next_task) {
     std::vector<float> scores(BM * BN), acc(BM * D), row_max(BM), row_sum(BM);  // S, O, m, l
     std::vector<float> q_rows(BM * Dp);  // the query block as compact fp32 rows
     std::vector<float> sum_vec(BM * Vec::size());  // SoftmaxEpilogue's lane-wise sums
@@ -339,7 +353,7 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
     // query blocks): K^T (D x keys) panels of keys, then V (keys x D) panels of head dims.
     std::vector<float> key_panels(max_keys * D + dim_panels * max_keys * W);
     std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next_task(); task < tasks; task = next_task()) {
       const int64_t chunk = task % chunks, h = (task / chunks) % H, b = task / (chunks * H);
       const int64_t hk = h / group;
       const int64_t last_block = chunk + (q_blocks - 1 - chunk) / chunks * chunks;
@@ -477,7 +491,8 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
 
   const int64_t W = kPanelWidth, Dp = padded_dim(D);
 
-  at::parallel_for(0, p.batch * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = p.batch * Hkv * splits;
+  parallel_tasks(tasks, [&](const auto& next_task) {
     std::vector<float> scores(BM * LS), dprobs(BM * LS), dk_acc(BN * D), dv_acc(BN * D), dcap(BN);
     // This key block: K^T and V^T panels (D x BN: the B operands of S and dP), K rows (BN x Dp: of dQ).
     const int64_t kt_size = (BN + W - 1) / W * D * W;
@@ -494,7 +509,7 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
     std::vector<float> dq_rows;
     std::vector<float> lse_tile(BM);
     std::vector<uint8_t> keep(p.dropout() ? BM * LS : 0);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next_task(); task < tasks; task = next_task()) {
       const int64_t split = task % splits, hk = (task / splits) % Hkv, b = task / (splits * Hkv);
       const scalar_t* k_head = k_ptr + b * sk.b + hk * sk.h;
       const scalar_t* v_head = v_ptr + b * sv.b + hk * sv.h;
