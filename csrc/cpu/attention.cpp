@@ -214,6 +214,22 @@ inline float vec_exp_sum(float* x, int64_t n, float mult, float sub) {
 // score exceeds it by kLazyMaxSlack, and then rescales this row's P stored so far in this tile,
 // its sums and o (in the first tile of a row: always, at its first panel). P <= e^kLazyMaxSlack.
 constexpr float kLazyMaxSlack = 8.f;
+// Lane-wise max without at::vec::maximum's NaN propagation (2 more instructions; a NaN score
+// reaches the output through exp anyway), and "any lane > limit".
+inline Vec fast_max(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+inline bool any_above(const Vec& x, float limit) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_GT_OQ) != 0;
+#else
+  return (x > Vec(limit)).zero_mask() != (1 << Vec::size()) - 1;
+#endif
+}
 struct SoftmaxEpilogue {
   float* row_max;   // (M,)
   float* row_sum;   // (M,): the general path's scalar sums, rescaled alike
@@ -228,20 +244,11 @@ struct SoftmaxEpilogue {
     Vec x_max(kNegInf);
     for (int v = 0; v < NV; ++v) {
       x[v] = kFull ? Vec(acc[v]) : Vec::set(Vec(kNegInf), Vec(acc[v]), std::max<int64_t>(0, cols - v * S));
-      x_max = at::vec::maximum(x_max, x[v]);
+      x_max = fast_max(x_max, x[v]);
     }
     float m = row_max[row];
     // Raw scores above (m + slack) / scale (scale > 0)? All of them while m is -inf.
-    if ((x_max > Vec((m + kLazyMaxSlack) / scale)).zero_mask() != (1 << S) - 1) {
-      const float new_max = std::max(m, scale * at::vec::vec_reduce_all<float>(
-                                                   [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x_max));
-      const float factor = std::exp(m - new_max);  // 0 while m is -inf
-      vec_scale(c_row - col, col, factor);
-      vec_scale(sum_vec + row * S, S, factor);
-      vec_scale(o + row * D, D, factor);
-      row_sum[row] *= factor;
-      row_max[row] = m = new_max;
-    }
+    if (any_above(x_max, (m + kLazyMaxSlack) / scale)) m = move_max(row, col, x_max, c_row);
     const Vec vs(scale), vm(m);
     Vec sum = Vec::loadu(sum_vec + row * S);
     for (int v = 0; v < NV; ++v) {
@@ -254,6 +261,19 @@ struct SoftmaxEpilogue {
       }
     }
     sum.store(sum_vec + row * S);
+  }
+  // The rare path, out of line so that store() stays small enough to inline into the GEMM.
+  [[gnu::noinline]] float move_max(int64_t row, int64_t col, Vec x_max, float* c_row) const {
+    const float m = row_max[row];
+    const float new_max = std::max(
+        m, scale * at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x_max));
+    const float factor = std::exp(m - new_max);  // 0 while m is -inf
+    vec_scale(c_row - col, col, factor);
+    vec_scale(sum_vec + row * Vec::size(), Vec::size(), factor);
+    vec_scale(o + row * D, D, factor);
+    row_sum[row] *= factor;
+    row_max[row] = new_max;
+    return new_max;
   }
 };
 
