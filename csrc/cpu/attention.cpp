@@ -23,7 +23,8 @@
 // Backward: delta = rowsum(dO * O); then parallel over (batch, kv head, key split): each
 // task owns its keys' dK / dV (summed over the kv head's query heads, no k/v copies) and its
 // split's dQ (accumulated in a compact buffer, stored once); the splits are summed in a fixed order.
-// No atomics: bitwise reproducible by construction. The split count depends on the shapes
+// No atomic accumulation (only the task counter is atomic): bitwise reproducible by
+// construction, whichever thread runs a task. The split count depends on the shapes
 // only (not on the thread count).
 //
 // Dropout: attention_philox.h (the Triton backend's mask, bit for bit), regenerated in the
@@ -333,7 +334,6 @@ inline void probs_and_dscores(float* s, float* dp, int64_t n, float mult, float 
     }
   }
 }
-
 
 template <typename scalar_t>
 inline void store_row(const float* src, scalar_t* dst, int64_t n, float factor) {
