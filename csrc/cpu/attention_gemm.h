@@ -129,6 +129,7 @@ inline PanelReg reg_zero() { return _mm512_setzero_ps(); }
 inline PanelReg reg_load(const float* src) { return _mm512_loadu_ps(src); }
 inline PanelReg reg_broadcast(float x) { return _mm512_set1_ps(x); }
 inline PanelReg reg_fmadd(PanelReg a, PanelReg b, PanelReg c) { return _mm512_fmadd_ps(a, b, c); }
+inline PanelReg reg_add(PanelReg a, PanelReg b) { return _mm512_add_ps(a, b); }
 inline void reg_store(float* dst, PanelReg x) { _mm512_storeu_ps(dst, x); }
 // The first count (0..16) lanes.
 inline PanelReg reg_load_part(const float* src, int64_t count) {
@@ -143,6 +144,7 @@ inline PanelReg reg_zero() { return PanelVec(0.f); }
 inline PanelReg reg_load(const float* src) { return PanelVec::loadu(src); }
 inline PanelReg reg_broadcast(float x) { return PanelVec(x); }
 inline PanelReg reg_fmadd(PanelReg a, PanelReg b, PanelReg c) { return at::vec::fmadd(a, b, c); }
+inline PanelReg reg_add(PanelReg a, PanelReg b) { return a + b; }
 inline void reg_store(float* dst, PanelReg x) { x.store(dst); }
 inline PanelReg reg_load_part(const float* src, int64_t count) { return PanelVec::loadu(src, count); }
 inline void reg_store_part(float* dst, PanelReg x, int64_t count) { x.store(dst, count); }
@@ -176,14 +178,7 @@ inline void panel_block(int64_t K, const float* a, int64_t ars, int64_t acs, con
   constexpr bool full = kFull;
   PanelReg acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (kAccumulate) {
-        const int64_t count = std::max<int64_t>(0, std::min<int64_t>(S, cols - v * S));
-        acc[i][v] = full ? reg_load(c + i * ldc + v * S) : reg_load_part(c + i * ldc + v * S, count);
-      } else {
-        acc[i][v] = reg_zero();
-      }
-    }
+    for (int v = 0; v < NV; ++v) acc[i][v] = reg_zero();
   const float* ap[MR];
   for (int i = 0; i < MR; ++i) ap[i] = a + i * ars;
   for (int64_t k = 0; k < K; ++k) {
@@ -195,6 +190,17 @@ inline void panel_block(int64_t K, const float* a, int64_t ars, int64_t acs, con
       ap[i] += acs;
       for (int v = 0; v < NV; ++v) acc[i][v] = reg_fmadd(av, bv[v], acc[i][v]);
     }
+  }
+  // C += A B adds the block's product to C at the end rather than starting from C: a sum of
+  // K-term partial sums (the GEMMs accumulate over key / query blocks), not one long running
+  // sum, whose rounding error grows faster with the sequence length.
+  if constexpr (kAccumulate) {
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) {
+        const int64_t count = std::max<int64_t>(0, std::min<int64_t>(S, cols - v * S));
+        const PanelReg old = full ? reg_load(c + i * ldc + v * S) : reg_load_part(c + i * ldc + v * S, count);
+        acc[i][v] = reg_add(old, acc[i][v]);
+      }
   }
   for (int i = 0; i < MR; ++i) epilogue.template store<NV, full>(row0 + i, col0, acc[i], c + i * ldc, cols);
 }
