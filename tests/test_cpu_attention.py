@@ -76,6 +76,18 @@ def test_seqlens(seqlens, causal):
     _check(Case(batch=2, seqlen_q=seqlens[0], seqlen_k=seqlens[1], causal=causal))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_long_rows(causal):
+    # Rows over several 512-key forward blocks and dK / dV sums over many 128-query blocks; keys
+    # growing along the sequence move the row maximum by more than the forward's lazy-max slack
+    # (kLazyMaxSlack = 8) again and again, so the rescaling of stored P, sums and O is exercised.
+    case = Case(batch=1, heads=1, heads_kv=1, seqlen_q=1500, seqlen_k=1700, causal=causal)
+    inputs, options, rng = _make(case)
+    ramp = torch.linspace(0.5, 6.0, case.seqlen_k).view(1, -1, 1, 1)
+    k = (inputs.k.detach() * ramp).requires_grad_(inputs.k.requires_grad)
+    _check_inputs(dataclasses.replace(inputs, k=k), options, rng)
+
+
 @pytest.mark.parametrize("head_dim", [1, 8, 40, 80, 96, 128, 256])
 def test_head_dims(head_dim):
     _check(Case(head_dim=head_dim, seqlen_q=113, seqlen_k=203, causal=head_dim % 3 == 0))

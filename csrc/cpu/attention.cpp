@@ -1,11 +1,16 @@
 // CPU FlashAttention-2 (forward and backward) for the ``cpu`` backend: torch.ops.fastattn.cpu_attention_*.
 //
 // Layout: flash (B, L, H, D), any strides with a contiguous head dim; lse (B, H, Lq) fp32,
-// natural log. Forward tile GEMMs: fp32, register-blocked (attention_gemm.h) on K^T / V packed
-// once per (batch, kv head); backward tile GEMMs: fp32 BLAS sgemm calls (MKL in torch's x86
-// wheels; the panel kernel measured no faster there). fp16 / bf16 are converted to fp32 first,
-// so probabilities and dS are never rounded to the input dtype. Softmax and exp are vectorized with
-// at::vec::Vectorized (exp_u20).
+// natural log. Every tile GEMM is fp32 and register-blocked (attention_gemm.h) on operands
+// packed once per task into compact fp32 buffers (K^T / V per forward task; Q / dO rows per
+// backward task, K^T / V^T / K per key block): no BLAS call overhead, no cache-set aliasing of
+// the (.., L, H, D) row strides. fp16 / bf16 are converted to fp32 by that packing, so
+// probabilities and dS are never rounded to the input dtype. exp: exp_fast (attention_common.h).
+//
+// Tiles that every row sees whole, without elementwise features (masks, ALiBi, softcap,
+// dropout), take the fused path: the softmax (forward) or P and dS (backward) are computed in
+// the GEMM epilogues while the scores are in registers. Other tiles take the general path:
+// prepare_scores per row, then the same vectorized math over the stored tile.
 //
 // Visibility of key j to query i: ``lo(i) <= j < hi(i)`` with lo / hi from causal and the
 // sliding window (i + shift is query i's diagonal), then key_padding_mask and a bool
@@ -14,11 +19,12 @@
 // never visited. A row that sees no key gets output 0 and lse -inf; the backward reads lse
 // -inf as +inf, so every probability of that row and its gradients are 0.
 //
-// Forward: parallel over (batch, head, query block); online softmax over key blocks.
+// Forward: parallel over (batch, head, chunk of query blocks); online softmax over key blocks.
 // Backward: delta = rowsum(dO * O); then parallel over (batch, kv head, key split): each
-// task owns its keys' dK / dV (summed over the kv head's query heads, no k/v copies) and
-// accumulates dQ into its split's own fp32 buffer; the splits are summed in a fixed order.
-// No atomics: bitwise reproducible by construction. The split count depends on the shapes
+// task owns its keys' dK / dV (summed over the kv head's query heads, no k/v copies) and its
+// split's dQ (accumulated in a compact buffer, stored once); the splits are summed in a fixed order.
+// No atomic accumulation (only the task counter is atomic): bitwise reproducible by
+// construction, whichever thread runs a task. The split count depends on the shapes
 // only (not on the thread count).
 //
 // Dropout: attention_philox.h (the Triton backend's mask, bit for bit), regenerated in the
@@ -30,62 +36,45 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "cpu/attention_common.h"
 #include "cpu/attention_gemm.h"
 #include "cpu/attention_philox.h"
-
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                      const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                      const float* beta, float* c, const int* ldc);
 
 namespace fastattn_cpu {
 namespace {
 
+using fastattn_cpu_common::vec_scale;
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kUnbounded = -1;
 
-// Tile sizes (queries x keys): torch's CPU flash kernel's forward split for long sequences
-// (it also uses 512-key blocks); no candidate (64..256 x 128..1024) measured consistently
-// better on the shared 2-core test machine. fp32 tiles: 256 KiB of scores, L2-resident.
+// Tile sizes (queries x keys). Forward: torch's CPU flash kernel's split for long sequences
+// (256 KiB of fp32 scores, L2-resident). Backward: 128 x 128 (five 64 KiB-class operands per
+// tile in L2; 126-row tiles, whole 6-row register blocks, measured slower: a 16-key tail block).
 constexpr int64_t kFwdBlockM = 128;
 constexpr int64_t kFwdBlockN = 512;
+// Forward tasks wanted per thread (load balance; the forward's bits do not depend on the split).
+constexpr int64_t kFwdTasksPerThread = 2;
 constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 128;
 // Backward tasks wanted before key blocks are split over tasks (shape-only rule).
-constexpr int64_t kBwdMinTasks = 16;
+constexpr int64_t kBwdMinTasks = 8;
 
-// Row-major fp32 GEMM: C (M x N, ldc) = alpha * op(A) op(B) + beta * C, op(A) M x K, op(B)
-// K x N, A / B stored row-major (transposed: stored K x M / N x K). BLAS is column-major, so
-// row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T. sgemm_ is the BLAS that
-// libtorch_cpu carries and exports (MKL on x86 wheels); ATen's cpublas::gemm overloads that
-// would wrap it are not exported from libtorch_cpu.
-inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                    int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  TORCH_CHECK(std::max({lda, ldb, ldc, m, n, k}) <= std::numeric_limits<int>::max(),
-              "fastattn cpu attention: a stride exceeds the 32-bit BLAS interface");
-  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-  const int lda_i = static_cast<int>(ldb), ldb_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
-  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
-}
-
-// rows x dim tile of a (.., L, .., D) tensor with row stride ld, as fp32: the tile itself for
-// fp32, else converted into buf (ld dim). Returns the pointer and sets ld_out.
-template <typename scalar_t>
-inline const float* tile_fp32(const scalar_t* src, int64_t rows, int64_t ld, int64_t dim, float* buf,
-                              int64_t& ld_out) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    ld_out = ld;
-    return src;
-  } else {
-    for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld, buf + r * dim, dim);
-    ld_out = dim;
-    return buf;
-  }
+// Runs body(next_task) on torch's threads, once per thread; next_task() hands out 0, 1, 2, ...
+// (>= tasks when done) in turn, so a thread that is slowed or descheduled (a shared machine)
+// does not hold the others back as a static split would. The results never depend on which
+// thread runs a task.
+template <class Body>
+inline void parallel_tasks(int64_t tasks, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const auto next_task = [&next] { return next.fetch_add(1, std::memory_order_relaxed); };
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1,
+                   [&](int64_t, int64_t) { body(next_task); });
 }
 
 struct Strides3 {
@@ -202,14 +191,14 @@ inline float vec_exp_sum(float* x, int64_t n, float mult, float sub) {
   Vec acc(0.f);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec e = at::vec::fmsub(Vec::loadu(x + c), vm, vs).exp_u20();
+    const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(Vec::loadu(x + c), vm, vs));
     e.store(x + c);
     acc = acc + e;
   }
   float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
   if (c < n) {
     const int64_t count = n - c;
-    const Vec e = at::vec::fmsub(Vec::loadu(x + c, count), vm, vs).exp_u20();
+    const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(Vec::loadu(x + c, count), vm, vs));
     e.store(x + c, count);
     float tail[Vec::size()];
     e.store(tail, count);
@@ -218,13 +207,123 @@ inline float vec_exp_sum(float* x, int64_t n, float mult, float sub) {
   return sum;
 }
 
+// Epilogues of the tile GEMMs (attention_gemm.h) for tiles that every row sees whole, without
+// elementwise features: the row-wise work runs on C's rows while they are in registers.
+
+// Forward S = Q K^T -> P = exp(S * scale - m) with online softmax state per row: m (row_max),
+// lane-wise sums of P (sum_vec) and the output accumulators o. m is lazy: it moves only when a
+// score exceeds it by kLazyMaxSlack, and then rescales this row's P stored so far in this tile,
+// its sums and o (in the first tile of a row: always, at its first panel). P <= e^kLazyMaxSlack.
+constexpr float kLazyMaxSlack = 8.f;
+// Lane-wise max without at::vec::maximum's NaN propagation (2 more instructions; a NaN score
+// reaches the output through exp anyway), and "any lane > limit".
+inline Vec fast_max(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+inline bool any_above(const Vec& x, float limit) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_GT_OQ) != 0;
+#else
+  return (x > Vec(limit)).zero_mask() != (1 << Vec::size()) - 1;
+#endif
+}
+struct SoftmaxEpilogue {
+  float* row_max;   // (M,)
+  float* row_sum;   // (M,): the general path's scalar sums, rescaled alike
+  float* sum_vec;   // (M, Vec::size())
+  float* o;         // (M, D)
+  int64_t D;
+  float scale;
+  template <int NV, bool kFull>
+  void store(int64_t row, int64_t col, const PanelReg* acc, float* c_row, int64_t cols) const {
+    constexpr int64_t S = Vec::size();
+    Vec x[NV];
+    Vec x_max(kNegInf);
+    for (int v = 0; v < NV; ++v) {
+      x[v] = kFull ? Vec(acc[v]) : Vec::set(Vec(kNegInf), Vec(acc[v]), std::max<int64_t>(0, cols - v * S));
+      x_max = fast_max(x_max, x[v]);
+    }
+    float m = row_max[row];
+    // Raw scores above (m + slack) / scale (scale > 0)? All of them while m is -inf.
+    if (any_above(x_max, (m + kLazyMaxSlack) / scale)) m = move_max(row, col, x_max, c_row);
+    const Vec vs(scale), vm(m);
+    Vec sum = Vec::loadu(sum_vec + row * S);
+    for (int v = 0; v < NV; ++v) {
+      const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(x[v], vs, vm));  // 0 past cols
+      sum = sum + e;
+      if constexpr (kFull) {
+        e.store(c_row + v * S);
+      } else if (cols > v * S) {
+        e.store(c_row + v * S, std::min<int64_t>(S, cols - v * S));
+      }
+    }
+    sum.store(sum_vec + row * S);
+  }
+  // The rare path, out of line so that store() stays small enough to inline into the GEMM.
+  [[gnu::noinline]] float move_max(int64_t row, int64_t col, Vec x_max, float* c_row) const {
+    const float m = row_max[row];
+    const float new_max = std::max(
+        m, scale * at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x_max));
+    const float factor = std::exp(m - new_max);  // 0 while m is -inf
+    vec_scale(c_row - col, col, factor);
+    vec_scale(sum_vec + row * Vec::size(), Vec::size(), factor);
+    vec_scale(o + row * D, D, factor);
+    row_sum[row] *= factor;
+    row_max[row] = new_max;
+    return new_max;
+  }
+};
+
+// Backward S = Q K^T -> P = exp(S * mult - lse) (lse +inf for rows that see no key: P = 0).
+struct ProbsEpilogue {
+  const float* lse;  // (M,)
+  float mult;
+  template <int NV, bool kFull>
+  void store(int64_t row, int64_t, const PanelReg* acc, float* c_row, int64_t cols) const {
+    const Vec vm(mult), vl(lse[row]);
+    for (int v = 0; v < NV; ++v) {
+      const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(Vec(acc[v]), vm, vl));
+      if constexpr (kFull) {
+        e.store(c_row + v * Vec::size());
+      } else if (cols > v * Vec::size()) {
+        e.store(c_row + v * Vec::size(), std::min<int64_t>(Vec::size(), cols - v * Vec::size()));
+      }
+    }
+  }
+};
+
+// Backward dP = dO V^T -> dS * scale = P * (dP - delta) * scale, P read back from its tile.
+struct DScoresEpilogue {
+  const float* probs;  // (M, ldp)
+  int64_t ldp;
+  const float* delta;  // (M,)
+  float scale;
+  template <int NV, bool kFull>
+  void store(int64_t row, int64_t col, const PanelReg* acc, float* c_row, int64_t cols) const {
+    const Vec vd(delta[row]), vs(scale);
+    const float* pr = probs + row * ldp + col;
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (kFull) {
+        (Vec::loadu(pr + v * Vec::size()) * (Vec(acc[v]) - vd) * vs).store(c_row + v * Vec::size());
+      } else if (cols > v * Vec::size()) {
+        const int64_t count = std::min<int64_t>(Vec::size(), cols - v * Vec::size());
+        (Vec::loadu(pr + v * Vec::size(), count) * (Vec(acc[v]) - vd) * vs).store(c_row + v * Vec::size(), count);
+      }
+    }
+  }
+};
+
 // Backward without dropout / softcap, one pass: s[c] = P = exp(s[c] * mult - lse);
 // dp[c] = dS * scale = P * (dp[c] - delta) * scale.
 inline void probs_and_dscores(float* s, float* dp, int64_t n, float mult, float lse, float delta, float scale) {
   const Vec vm(mult), vl(lse), vd(delta), vs(scale);
   for (int64_t c = 0; c < n; c += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - c);
-    const Vec e = at::vec::fmsub(Vec::loadu(s + c, count), vm, vl).exp_u20();
+    const Vec e = fastattn_cpu_common::exp_fast(at::vec::fmsub(Vec::loadu(s + c, count), vm, vl));
     const Vec ds = e * (Vec::loadu(dp + c, count) - vd) * vs;
     if (count == Vec::size()) {
       e.store(s + c);
@@ -234,13 +333,6 @@ inline void probs_and_dscores(float* s, float* dp, int64_t n, float mult, float 
       ds.store(dp + c, count);
     }
   }
-}
-
-inline void vec_scale(float* x, int64_t n, float factor) {
-  const Vec f(factor);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(x + c) * f).store(x + c);
-  for (; c < n; ++c) x[c] *= factor;
 }
 
 template <typename scalar_t>
@@ -254,7 +346,6 @@ inline void store_row(const float* src, scalar_t* dst, int64_t n, float factor) 
 template <typename scalar_t>
 void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse) {
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();  // (B, Lq, H, D)
   const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();  // (B, Lk, Hkv, D)
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();  // (B, Lk, Hkv, D)
@@ -266,72 +357,93 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
   const int64_t q_blocks = (p.lq + BM - 1) / BM;
   static_assert(kFwdBlockN % kPanelWidth == 0, "key blocks start on a panel");
 
-  // K^T and V of every (batch, kv head) packed once as fp32 GEMM panels (O(L) memory, read by
-  // every query block): kt (D x Lk) panels of keys, then v (Lk x D) panels of head dims.
-  const int64_t W = kPanelWidth, key_panels = (p.lk + W - 1) / W, dim_panels = (D + W - 1) / W;
-  const int64_t kt_size = key_panels * D * W, v_panel_stride = p.lk * W;
-  const int64_t head_size = kt_size + dim_panels * v_panel_stride;
-  at::Tensor packed = at::empty({p.batch * p.heads_kv, head_size}, q.options().dtype(at::kFloat));
-  float* packed_ptr = packed.data_ptr<float>();  // (B * Hkv, head_size)
-  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.heads_kv, hk = bh % p.heads_kv;
-      float* head = packed_ptr + bh * head_size;
-      pack_panels_transposed(k_ptr + b * sk.b + hk * sk.h, p.lk, D, sk.l, head, D * W);
-      pack_panels(v_ptr + b * sv.b + hk * sv.h, p.lk, D, sv.l, head + kt_size, v_panel_stride);
-    }
-  });
+  // Tasks: (batch, head, chunk of query blocks), the chunk's blocks interleaved (c, c + chunks,
+  // ...) so that causal chunks cost alike; chunks only where heads are too few for the threads.
+  const int64_t chunks = std::min(q_blocks, (kFwdTasksPerThread * at::get_num_threads() + p.batch * H - 1) /
+                                                (p.batch * H));
+  const int64_t W = kPanelWidth, Dp = padded_dim(D), dim_panels = (D + W - 1) / W;
+  const int64_t max_keys = (p.lk + W - 1) / W * W;
 
-  at::parallel_for(0, p.batch * H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = p.batch * H * chunks;
+  parallel_tasks(tasks, [&](const auto& next_task) {
     std::vector<float> scores(BM * BN), acc(BM * D), row_max(BM), row_sum(BM);  // S, O, m, l
-    std::vector<float> q_buf(kFloat ? 0 : BM * D);  // fp32 copy of an fp16 / bf16 q tile
+    std::vector<float> q_rows(BM * Dp);  // the query block as compact fp32 rows
+    std::vector<float> sum_vec(BM * Vec::size());  // SoftmaxEpilogue's lane-wise sums
+    // The task's keys as fp32 GEMM panels, packed once per task (L2-resident, read by each of its
+    // query blocks): K^T (D x keys) panels of keys, then V (keys x D) panels of head dims.
+    std::vector<float> key_panels(max_keys * D + dim_panels * max_keys * W);
     std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % q_blocks, h = (task / q_blocks) % H, b = task / (q_blocks * H);
+    for (int64_t task = next_task(); task < tasks; task = next_task()) {
+      const int64_t chunk = task % chunks, h = (task / chunks) % H, b = task / (chunks * H);
       const int64_t hk = h / group;
-      const int64_t i0 = qb * BM, m = std::min(BM, p.lq - i0);
-      int64_t ldq;
-      const float* q_tile = tile_fp32(q_ptr + b * sq.b + i0 * sq.l + h * sq.h, m, sq.l, D, q_buf.data(), ldq);
-      const float* kt_head = packed_ptr + (b * p.heads_kv + hk) * head_size;
-      const float* v_head = kt_head + kt_size;
-      std::fill(acc.begin(), acc.begin() + m * D, 0.f);
-      std::fill(row_max.begin(), row_max.end(), kNegInf);
-      std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      // Key blocks start on a panel; prepare_scores hides the keys before lo(i).
-      const int64_t j_begin = p.lo(i0) / W * W, j_end = p.hi(i0 + m - 1);
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
-        const int64_t n = std::min(BN, j_end - j0);
-        panel_gemm(m, n, D, q_tile, ldq, 1, {kt_head + j0 / W * D * W, D * W}, scores.data(), BN, false);
-        if (p.dropout())
-          dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
-                            keep.data(), BN);
-        for (int64_t r = 0; r < m; ++r) {
-          float* s = scores.data() + r * BN;
-          const float mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
-          const float new_max = std::max(row_max[r], vec_max(s, n) * mult);
-          float* o = acc.data() + r * D;
-          if (new_max == kNegInf) {  // nothing visible yet: P = 0, O stays 0
-            std::fill(s, s + n, 0.f);
-          } else {
-            const float alpha = row_max[r] == kNegInf ? 0.f : std::exp(row_max[r] - new_max);
-            row_sum[r] = row_sum[r] * alpha + vec_exp_sum(s, n, mult, new_max);
-            row_max[r] = new_max;
-            if (alpha != 1.f) vec_scale(o, D, alpha);
+      const int64_t last_block = chunk + (q_blocks - 1 - chunk) / chunks * chunks;
+      const int64_t keys_begin = p.lo(chunk * BM) / W * W;
+      const int64_t keys_end = std::max(keys_begin, p.hi(std::min(p.lq, (last_block + 1) * BM) - 1));
+      const int64_t keys = keys_end - keys_begin, v_panel_stride = keys * W;
+      float* kt_pan = key_panels.data();
+      float* v_pan = kt_pan + (keys + W - 1) / W * D * W;
+      pack_panels_transposed(k_ptr + b * sk.b + keys_begin * sk.l + hk * sk.h, keys, D, sk.l, kt_pan, D * W);
+      pack_panels(v_ptr + b * sv.b + keys_begin * sv.l + hk * sv.h, keys, D, sv.l, v_pan, v_panel_stride);
+      for (int64_t qb = chunk; qb < q_blocks; qb += chunks) {
+        const int64_t i0 = qb * BM, m = std::min(BM, p.lq - i0);
+        pack_rows(q_ptr + b * sq.b + i0 * sq.l + h * sq.h, m, D, sq.l, q_rows.data(), Dp);
+        const float* q_tile = q_rows.data();  // (m, Dp)
+        std::fill(acc.begin(), acc.begin() + m * D, 0.f);
+        std::fill(row_max.begin(), row_max.end(), kNegInf);
+        std::fill(row_sum.begin(), row_sum.end(), 0.f);
+        std::fill(sum_vec.begin(), sum_vec.end(), 0.f);
+        // Key blocks start on a panel; prepare_scores hides the keys before lo(i).
+        const int64_t j_begin = p.lo(i0) / W * W, j_end = p.hi(i0 + m - 1);
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
+          const int64_t n = std::min(BN, j_end - j0);
+          const Panels kt_block{kt_pan + (j0 - keys_begin) / W * D * W, D * W};
+          // Every row sees the whole tile and nothing else applies: the softmax in the GEMM's epilogue.
+          if (!p.elementwise() && !p.dropout() && p.lo(i0 + m - 1) <= j0 && p.hi(i0) >= j0 + n) {
+            panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN,
+                                SoftmaxEpilogue{row_max.data(), row_sum.data(), sum_vec.data(), acc.data(), D,
+                                                p.scale});
+            panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
+                       true);
+            continue;
           }
-          if (p.dropout()) {
-            const float inv_keep = 1.f / (1.f - p.dropout_p);
-            const uint8_t* kr = keep.data() + r * BN;
-            for (int64_t c = 0; c < n; ++c) s[c] = kr[c] ? s[c] * inv_keep : 0.f;
+          panel_gemm(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN, false);
+          if (p.dropout())
+            dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
+                              keep.data(), BN);
+          for (int64_t r = 0; r < m; ++r) {
+            float* s = scores.data() + r * BN;
+            const float mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
+            const float new_max = std::max(row_max[r], vec_max(s, n) * mult);
+            float* o = acc.data() + r * D;
+            if (new_max == kNegInf) {  // nothing visible yet: P = 0, O stays 0
+              std::fill(s, s + n, 0.f);
+            } else {
+              const float alpha = row_max[r] == kNegInf ? 0.f : std::exp(row_max[r] - new_max);
+              row_sum[r] = row_sum[r] * alpha + vec_exp_sum(s, n, mult, new_max);
+              row_max[r] = new_max;
+              if (alpha != 1.f) {
+                vec_scale(o, D, alpha);
+                vec_scale(sum_vec.data() + r * Vec::size(), Vec::size(), alpha);
+              }
+            }
+            if (p.dropout()) {
+              const float inv_keep = 1.f / (1.f - p.dropout_p);
+              const uint8_t* kr = keep.data() + r * BN;
+              for (int64_t c = 0; c < n; ++c) s[c] = kr[c] ? s[c] * inv_keep : 0.f;
+            }
           }
+          panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
+                     true);
         }
-        panel_gemm(m, D, n, scores.data(), BN, 1, {v_head + j0 * W, v_panel_stride}, acc.data(), D, true);
-      }
-      for (int64_t r = 0; r < m; ++r) {
-        const int64_t i = i0 + r;
-        scalar_t* o = o_ptr + ((b * p.lq + i) * H + h) * D;
-        const bool dead = row_sum[r] == 0.f;
-        store_row(acc.data() + r * D, o, D, dead ? 0.f : 1.f / row_sum[r]);
-        lse_ptr[(b * H + h) * p.lq + i] = dead ? kNegInf : row_max[r] + std::log(row_sum[r]);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          scalar_t* o = o_ptr + ((b * p.lq + i) * H + h) * D;
+          const float sum = row_sum[r] + at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; },
+                                                                        Vec::loadu(sum_vec.data() + r * Vec::size()));
+          const bool dead = sum == 0.f;
+          store_row(acc.data() + r * D, o, D, dead ? 0.f : 1.f / sum);
+          lse_ptr[(b * H + h) * p.lq + i] = dead ? kNegInf : row_max[r] + std::log(sum);
+        }
       }
     }
   });
@@ -354,7 +466,16 @@ void delta_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& out
         const scalar_t* d = do_ptr + b * sd.b + i * sd.l + h * sd.h;
         const scalar_t* o = o_ptr + b * so.b + i * so.l + h * so.h;
         float sum = 0.f;
-        for (int64_t c = 0; c < D; ++c) sum += static_cast<float>(d[c]) * static_cast<float>(o[c]);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          Vec acc(0.f);
+          int64_t c = 0;
+          for (; c + Vec::size() <= D; c += Vec::size())
+            acc = at::vec::fmadd(Vec::loadu(d + c), Vec::loadu(o + c), acc);
+          sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+          for (; c < D; ++c) sum += d[c] * o[c];
+        } else {
+          for (int64_t c = 0; c < D; ++c) sum += static_cast<float>(d[c]) * static_cast<float>(o[c]);
+        }
         delta_ptr[(b * H + h) * p.lq + i] = sum;
       }
     }
@@ -372,89 +493,128 @@ template <typename scalar_t>
 void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_acc,
                      int64_t splits, at::Tensor& dk, at::Tensor& dv) {
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();      // (B, Lq, H, D)
   const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();      // (B, Lk, Hkv, D)
   const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();      // (B, Lk, Hkv, D)
   const scalar_t* do_ptr = dout.const_data_ptr<scalar_t>();  // (B, Lq, H, D)
   const float* lse_ptr = lse.const_data_ptr<float>();        // (B, H, Lq)
   const float* delta_ptr = delta.const_data_ptr<float>();    // (B, H, Lq)
-  float* dq_ptr = dq_acc.data_ptr<float>();                  // (splits, B, Lq, H, D) fp32, zeroed
+  float* dq_ptr = dq_acc.data_ptr<float>();                  // (splits, B, Lq, H, D) fp32
   scalar_t* dk_ptr = dk.data_ptr<scalar_t>();                // (B, Lk, Hkv, D) contiguous
   scalar_t* dv_ptr = dv.data_ptr<scalar_t>();                // (B, Lk, Hkv, D) contiguous
   const Strides3 sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), sd = strides_of(dout);
   const int64_t D = p.dim, H = p.heads, Hkv = p.heads_kv, group = H / Hkv;
   const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
   const int64_t key_blocks = (p.lk + BN - 1) / BN;
+  const int64_t LS = padded_dim(BN);  // row stride of the score tiles: aligned rows
   const float inv_keep = p.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
 
-  at::parallel_for(0, p.batch * Hkv * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(BM * BN), dprobs(BM * BN), dk_acc(BN * D), dv_acc(BN * D), dcap(BN);
-    // fp32 copies of fp16 / bf16 tiles
-    std::vector<float> q_buf(kFloat ? 0 : BM * D), do_buf(kFloat ? 0 : BM * D), k_buf(kFloat ? 0 : BN * D),
-        v_buf(kFloat ? 0 : BN * D);
-    std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
-    for (int64_t task = begin; task < end; ++task) {
+  const int64_t W = kPanelWidth, Dp = padded_dim(D);
+
+  const int64_t tasks = p.batch * Hkv * splits;
+  parallel_tasks(tasks, [&](const auto& next_task) {
+    std::vector<float> scores(BM * LS), dprobs(BM * LS), dk_acc(BN * D), dv_acc(BN * D), dcap(BN);
+    // This key block: K^T and V^T panels (D x BN: the B operands of S and dP), K rows (BN x Dp: of dQ).
+    const int64_t kt_size = (BN + W - 1) / W * D * W;
+    std::vector<float> key_panels(2 * kt_size + BN * Dp);
+    float* kt_pan = key_panels.data();
+    float* vt_pan = kt_pan + kt_size;
+    float* k_rows = vt_pan + kt_size;
+    // The task's queries of every query head of its kv head, Q then dO, as compact fp32 rows
+    // (group, 2, rows, Dp), packed once per task: the A operands of S / dP and the (row-major)
+    // B operands of dK += dS^T Q / dV += P^T dO.
+    std::vector<float> query_rows;
+    // dQ of those queries (group, rows, D), accumulated here (compact: no cache-set aliasing of
+    // the (B, Lq, H, D) rows) and stored once per task.
+    std::vector<float> dq_rows;
+    std::vector<float> lse_tile(BM);
+    std::vector<uint8_t> keep(p.dropout() ? BM * LS : 0);
+    for (int64_t task = next_task(); task < tasks; task = next_task()) {
       const int64_t split = task % splits, hk = (task / splits) % Hkv, b = task / (splits * Hkv);
       const scalar_t* k_head = k_ptr + b * sk.b + hk * sk.h;
       const scalar_t* v_head = v_ptr + b * sv.b + hk * sv.h;
       float* dq_split = dq_ptr + split * p.batch * p.lq * H * D;
-      for (int64_t kb = split * key_blocks / splits; kb < (split + 1) * key_blocks / splits; ++kb) {
+      const int64_t kb_begin = split * key_blocks / splits, kb_end = (split + 1) * key_blocks / splits;
+      const int64_t rows_begin = p.first_query(kb_begin * BN);
+      const int64_t rows = std::max<int64_t>(0, p.end_query(std::min(p.lk, kb_end * BN)) - rows_begin);
+      const int64_t rows_size = rows * Dp;
+      query_rows.resize(std::max<size_t>(query_rows.size(), group * 2 * rows_size));
+      dq_rows.assign(group * rows * D, 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        float* dst = query_rows.data() + g * 2 * rows_size;
+        pack_rows(q_ptr + b * sq.b + rows_begin * sq.l + h * sq.h, rows, D, sq.l, dst, Dp);
+        pack_rows(do_ptr + b * sd.b + rows_begin * sd.l + h * sd.h, rows, D, sd.l, dst + rows_size, Dp);
+      }
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, p.lk - j0);
-        int64_t ldq, ldk, ldv, ldd;
-        const float* k_tile = tile_fp32(k_head + j0 * sk.l, n, sk.l, D, k_buf.data(), ldk);
-        const float* v_tile = tile_fp32(v_head + j0 * sv.l, n, sv.l, D, v_buf.data(), ldv);
+        pack_panels_transposed(k_head + j0 * sk.l, n, D, sk.l, kt_pan, D * W);
+        pack_panels_transposed(v_head + j0 * sv.l, n, D, sv.l, vt_pan, D * W);
+        pack_rows(k_head + j0 * sk.l, n, D, sk.l, k_rows, Dp);
         std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
         const int64_t i_begin = p.first_query(j0), i_end = p.end_query(j0 + n);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const float* lse_row = lse_ptr + (b * H + h) * p.lq;
           const float* delta_row = delta_ptr + (b * H + h) * p.lq;
+          const float* q_rows = query_rows.data() + (h - hk * group) * 2 * rows_size;  // (rows, Dp)
+          const float* do_rows = q_rows + rows_size;
+          float* dq_head = dq_rows.data() + (h - hk * group) * rows * D;  // (rows, D)
           for (int64_t i0 = i_begin; i0 < i_end; i0 += BM) {
             const int64_t m = std::min(BM, i_end - i0);
-            const float* q_tile = tile_fp32(q_ptr + b * sq.b + i0 * sq.l + h * sq.h, m, sq.l, D, q_buf.data(), ldq);
-            const float* do_tile =
-                tile_fp32(do_ptr + b * sd.b + i0 * sd.l + h * sd.h, m, sd.l, D, do_buf.data(), ldd);
-            gemm_rm(false, true, m, n, D, 1.f, q_tile, ldq, k_tile, ldk, 0.f, scores.data(), BN);
-            gemm_rm(false, true, m, n, D, 1.f, do_tile, ldd, v_tile, ldv, 0.f, dprobs.data(), BN);
-            if (p.dropout())
-              dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
-                                keep.data(), BN);
-            for (int64_t r = 0; r < m; ++r) {
-              const int64_t i = i0 + r;
-              float* s = scores.data() + r * BN;   // -> P (then P * Z)
-              float* dp = dprobs.data() + r * BN;  // -> dS * scale
-              const float mult = prepare_scores(p, b, h, i, j0, n, s, p.softcap > 0.f ? dcap.data() : nullptr);
-              const float lse_i = lse_row[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse_row[i];
-              const float delta_i = delta_row[i];
-              if (!p.dropout() && p.softcap == 0.f) {  // the common case in one pass
-                probs_and_dscores(s, dp, n, mult, lse_i, delta_i, p.scale);
-                continue;
-              }
-              vec_exp_sum(s, n, mult, lse_i);
-              if (p.dropout()) {
-                const uint8_t* kr = keep.data() + r * BN;
-                for (int64_t c = 0; c < n; ++c) {
-                  const float z = kr[c] ? inv_keep : 0.f;
-                  dp[c] = s[c] * (dp[c] * z - delta_i);
-                  s[c] *= z;
+            const float* q_tile = q_rows + (i0 - rows_begin) * Dp;  // (m, Dp)
+            const float* do_tile = do_rows + (i0 - rows_begin) * Dp;
+            // Every row sees the whole tile and nothing else applies: P and dS in the GEMMs' epilogues.
+            const bool fused = !p.elementwise() && !p.dropout() && p.lo(i0 + m - 1) <= j0 && p.hi(i0) >= j0 + n;
+            if (fused) {
+              for (int64_t r = 0; r < m; ++r)
+                lse_tile[r] = lse_row[i0 + r] == kNegInf ? std::numeric_limits<float>::infinity() : lse_row[i0 + r];
+              panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, {kt_pan, D * W}, scores.data(), LS,
+                                  ProbsEpilogue{lse_tile.data(), p.scale});
+              panel_gemm_epilogue(m, n, D, do_tile, Dp, 1, {vt_pan, D * W}, dprobs.data(), LS,
+                                  DScoresEpilogue{scores.data(), LS, delta_row + i0, p.scale});
+            } else {
+              panel_gemm(m, n, D, q_tile, Dp, 1, {kt_pan, D * W}, scores.data(), LS, false);
+              panel_gemm(m, n, D, do_tile, Dp, 1, {vt_pan, D * W}, dprobs.data(), LS, false);
+              if (p.dropout())
+                dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
+                                  keep.data(), LS);
+              for (int64_t r = 0; r < m; ++r) {
+                const int64_t i = i0 + r;
+                float* s = scores.data() + r * LS;   // -> P (then P * Z)
+                float* dp = dprobs.data() + r * LS;  // -> dS * scale
+                const float mult = prepare_scores(p, b, h, i, j0, n, s, p.softcap > 0.f ? dcap.data() : nullptr);
+                const float lse_i = lse_row[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse_row[i];
+                const float delta_i = delta_row[i];
+                if (!p.dropout() && p.softcap == 0.f) {  // the common case in one pass
+                  probs_and_dscores(s, dp, n, mult, lse_i, delta_i, p.scale);
+                  continue;
                 }
-              } else {
-                const Vec vdelta(delta_i);
-                int64_t c = 0;
-                for (; c + Vec::size() <= n; c += Vec::size())
-                  (Vec::loadu(s + c) * (Vec::loadu(dp + c) - vdelta)).store(dp + c);
-                for (; c < n; ++c) dp[c] = s[c] * (dp[c] - delta_i);
+                vec_exp_sum(s, n, mult, lse_i);
+                if (p.dropout()) {
+                  const uint8_t* kr = keep.data() + r * LS;
+                  for (int64_t c = 0; c < n; ++c) {
+                    const float z = kr[c] ? inv_keep : 0.f;
+                    dp[c] = s[c] * (dp[c] * z - delta_i);
+                    s[c] *= z;
+                  }
+                } else {
+                  const Vec vdelta(delta_i);
+                  int64_t c = 0;
+                  for (; c + Vec::size() <= n; c += Vec::size())
+                    (Vec::loadu(s + c) * (Vec::loadu(dp + c) - vdelta)).store(dp + c);
+                  for (; c < n; ++c) dp[c] = s[c] * (dp[c] - delta_i);
+                }
+                if (p.softcap > 0.f) {
+                  for (int64_t c = 0; c < n; ++c) dp[c] *= dcap[c];
+                }
+                vec_scale(dp, n, p.scale);
               }
-              if (p.softcap > 0.f) {
-                for (int64_t c = 0; c < n; ++c) dp[c] *= dcap[c];
-              }
-              vec_scale(dp, n, p.scale);
             }
-            gemm_rm(true, false, n, D, m, 1.f, scores.data(), BN, do_tile, ldd, 1.f, dv_acc.data(), D);
-            gemm_rm(true, false, n, D, m, 1.f, dprobs.data(), BN, q_tile, ldq, 1.f, dk_acc.data(), D);
-            gemm_rm(false, false, m, D, n, 1.f, dprobs.data(), BN, k_tile, ldk, 1.f,
-                              dq_split + ((b * p.lq + i0) * H + h) * D, H * D);
+            // dV += P^T dO, dK += dS^T Q (A read transposed), dQ += dS K.
+            panel_gemm(n, D, m, scores.data(), 1, LS, {do_tile, W, Dp}, dv_acc.data(), D, true);
+            panel_gemm(n, D, m, dprobs.data(), 1, LS, {q_tile, W, Dp}, dk_acc.data(), D, true);
+            panel_gemm(m, D, n, dprobs.data(), LS, 1, {k_rows, W, Dp}, dq_head + (i0 - rows_begin) * D, D, true);
           }
         }
         for (int64_t c = 0; c < n; ++c) {
@@ -463,6 +623,16 @@ void backward_kernel(const Params& p, const at::Tensor& dout, const at::Tensor& 
           store_row(dv_acc.data() + c * D, dv_ptr + row, D, 1.f);
         }
       }
+      // This split's dQ of these heads is this task's alone: every row written (0 where no key
+      // of the split is seen), so the buffer needs no zeroing.
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < p.lq; ++i) {
+          float* dst = dq_split + ((b * p.lq + i) * H + hk * group + g) * D;
+          if (i >= rows_begin && i < rows_begin + rows)
+            std::copy_n(dq_rows.data() + (g * rows + i - rows_begin) * D, D, dst);
+          else
+            std::fill(dst, dst + D, 0.f);
+        }
     }
   });
 }
@@ -591,8 +761,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const int64_t splits = backward_splits(p, (p.lk + kBwdBlockN - 1) / kBwdBlockN);
   const bool accumulate_in_place = splits == 1 && q.scalar_type() == at::kFloat;
   at::Tensor delta = at::empty({p.batch, p.heads, p.lq}, q.options().dtype(at::kFloat));
-  at::Tensor dq_acc = accumulate_in_place ? at::zeros(q.sizes(), q.options())
-                                          : at::zeros({splits, p.batch, p.lq, p.heads, p.dim},
+  at::Tensor dq_acc = accumulate_in_place ? at::empty(q.sizes(), q.options())
+                                          : at::empty({splits, p.batch, p.lq, p.heads, p.dim},
                                                       q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

@@ -1,14 +1,15 @@
 """CPU FlashAttention-2 (csrc/cpu/attention.cpp): ``torch.ops.fastattn.cpu_attention_fwd`` / ``_bwd``.
 
-Forward: one task per (batch, head, query block) under ``at::parallel_for`` (threads follow
+Forward: one task per (batch, head, chunk of query blocks) under ``at::parallel_for`` (threads follow
 ``torch.get_num_threads()``), online softmax over key blocks, fp32 accumulation, the (Lq x Lk)
 matrix never formed; lse (B, H, Lq) fp32 saved. Backward: delta = rowsum(dO * O), then one
 task per (batch, kv head, key split) recomputes P per tile, owns its dK / dV (summed over the
 kv head's query heads: GQA / MQA without k/v copies) and accumulates dQ into its split's fp32
 buffer; splits are summed in a fixed order, so the backward is deterministic by construction
-whatever ``options.deterministic`` says. Tile GEMMs: forward, fp32 register-blocked kernels
-(csrc/cpu/attention_gemm.h) on K^T / V packed once per (batch, kv head) (O(L) scratch); backward,
-BLAS sgemm. fp16 / bf16 operands are converted to fp32 first.
+whatever ``options.deterministic`` says. Tile GEMMs: fp32 register-blocked kernels
+(csrc/cpu/attention_gemm.h) on operands packed once per task (O(L) scratch per thread), with the
+softmax (forward) and P / dS (backward) fused into their epilogues on unmasked tiles. fp16 / bf16
+operands are converted to fp32 first.
 
 Masks (causal in both alignments, sliding window, key_padding_mask, bool / float attn_mask
 read through their strides, ALiBi, softcap) are applied per tile; key tiles a query block
