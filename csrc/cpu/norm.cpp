@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "row_kernels.h"
 
 namespace fastattn_cpu {
@@ -235,8 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_fwd(
   TORCH_CHECK(eps >= 0.0, "eps must be non-negative, got ", eps);
 
   const auto opts = x.options();
-  at::Tensor y = at::empty({rows, n}, opts);
-  at::Tensor h = at::empty(store_h ? std::vector<int64_t>{rows, n} : std::vector<int64_t>{0}, opts.dtype(h_dtype));
+  at::Tensor y = empty_pooled({rows, n}, x.scalar_type());
+  at::Tensor h = store_h ? empty_pooled({rows, n}, h_dtype) : at::empty({0}, opts.dtype(h_dtype));
   at::Tensor mean = at::empty({is_rms ? 0 : rows}, opts.dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, opts.dtype(at::kFloat));
   const std::vector<float> w = param_as_float(weight, n), b = param_as_float(bias, n);
@@ -295,9 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_bwd(
   }
 
   const auto opts = dy.options();
-  at::Tensor dx = at::empty({rows, n}, opts);
-  at::Tensor dresidual = residual_dtype.has_value() ? at::empty({rows, n}, opts.dtype(*residual_dtype))
-                                                    : at::empty({0}, opts);
+  at::Tensor dx = empty_pooled({rows, n}, dy.scalar_type());
+  at::Tensor dresidual = residual_dtype.has_value() ? empty_pooled({rows, n}, *residual_dtype) : at::empty({0}, opts);
   at::Tensor dweight = weight.has_value() ? at::empty({n}, opts.dtype(weight->scalar_type())) : at::empty({0}, opts);
   at::Tensor dbias = bias.has_value() ? at::empty({n}, opts.dtype(bias->scalar_type())) : at::empty({0}, opts);
   const std::vector<float> w = param_as_float(weight, n);
