@@ -31,9 +31,11 @@ struct Rows {
   void* data = nullptr;
   at::ScalarType dtype = at::kFloat;
   int64_t stride = 0;
+  int64_t elem_bytes = 4;
 
   Rows() = default;
-  explicit Rows(const at::Tensor& t) : data(t.data_ptr()), dtype(t.scalar_type()), stride(t.stride(0)) {}
+  explicit Rows(const at::Tensor& t)
+      : data(t.data_ptr()), dtype(t.scalar_type()), stride(t.stride(0)), elem_bytes(t.element_size()) {}
   bool present() const { return data != nullptr; }
   bool is_float() const { return dtype == at::kFloat; }
   template <typename T>
@@ -59,6 +61,10 @@ struct Rows {
       default: TORCH_CHECK(false, "unsupported dtype ", dtype);
     }
   }
+  // Asks for the cache line holding elements [j, j + kVec) of row i (a hint: never faults).
+  void prefetch(int64_t i, int64_t j) const {
+    if (present()) __builtin_prefetch(static_cast<const char*>(data) + (i * stride + j) * elem_bytes);
+  }
 };
 
 void check_dtype(const at::Tensor& t, const char* name) {
@@ -83,10 +89,26 @@ void check_param(const std::optional<at::Tensor>& t, int64_t n, const char* name
   check_dtype(*t, name);
 }
 
+const auto vec_add = [](Vec u, Vec v) { return u + v; };
+
+// Sum of f(j, count) over the vector steps of [0, n), on four independent accumulators: one
+// chain would wait on the add latency at every step.
+template <typename F>
+float sum_row(int64_t n, const F& f) {
+  Vec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
+  int64_t j = 0;
+  for (; j + 4 * kVec <= n; j += 4 * kVec) {
+    acc0 = acc0 + f(j, kVec);
+    acc1 = acc1 + f(j + kVec, kVec);
+    acc2 = acc2 + f(j + 2 * kVec, kVec);
+    acc3 = acc3 + f(j + 3 * kVec, kVec);
+  }
+  for (; j < n; j += kVec) acc0 = acc0 + f(j, std::min(kVec, n - j));
+  return at::vec::vec_reduce_all<float>(vec_add, (acc0 + acc1) + (acc2 + acc3));
+}
+
 float row_sum(const float* v, int64_t n) {
-  Vec acc(0.f);
-  for_each_vec(n, [&](int64_t j, int64_t c) { acc = acc + Vec::loadu(v + j, c); });
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
+  return sum_row(n, [&](int64_t j, int64_t c) { return Vec::loadu(v + j, c); });
 }
 
 struct FwdArgs {
@@ -95,6 +117,7 @@ struct FwdArgs {
   const float* bias = nullptr;
   float* mean = nullptr;  // (rows,), null for RMSNorm
   float* rstd = nullptr;
+  int64_t rows = 0;
   int64_t n = 0;
   float eps = 0.f;
   bool is_rms = false;
@@ -110,6 +133,9 @@ struct Scratch {
   float* slot(int k) { return buf.data() + k * n; }
 };
 
+// Row i in three passes: h = x * keep + residual (written, and summed: the first and only pass
+// over memory), the centred sum of squares (RMSNorm: the sum of squares, taken in the first
+// pass for fp32 h), y (written, while the next row's inputs are prefetched).
 void forward_row(const FwdArgs& a, int64_t i, Scratch& s) {
   const int64_t n = a.n;
   const float* x = a.x.load(i, n, s.slot(0));
@@ -119,45 +145,55 @@ void forward_row(const FwdArgs& a, int64_t i, Scratch& s) {
     norm_dropout_row(a.rng, i, n, s.slot(2));
     keep = s.slot(2);
   }
+  // Sum (LayerNorm) or sum of squares (RMSNorm) of v, the tail lanes of which load as zeros.
+  const auto moment = [&](const Vec& v) { return a.is_rms ? v * v : v; };
   const float* h = x;  // h is x itself when nothing is stored
+  float first_moment = 0.f;
+  bool have_moment = false;
   if (a.store_h) {
     float* hw = a.h.target(i, s.slot(3));
-    for_each_vec(n, [&](int64_t j, int64_t c) {
+    const float total = sum_row(n, [&](int64_t j, int64_t c) {
       Vec v = Vec::loadu(x + j, c);
       if (keep) v = v * Vec::loadu(keep + j, c);
       if (res) v = v + Vec::loadu(res + j, c);
       v.store(hw + j, c);
+      return moment(v);
     });
-    if (!a.h.is_float()) {
+    if (a.h.is_float()) {
+      first_moment = total;
+      have_moment = true;
+    } else {
       a.h.store(i, n, hw);
       a.h.load(i, n, hw);  // statistics of h as stored (rounded)
     }
     h = hw;
   }
+  if (!have_moment) first_moment = sum_row(n, [&](int64_t j, int64_t c) { return moment(Vec::loadu(h + j, c)); });
+
   const float inv_n = 1.f / static_cast<float>(n);
-  float mean = 0.f;
-  Vec acc(0.f);
-  if (!a.is_rms) {
-    mean = row_sum(h, n) * inv_n;
-    const Vec vmean(mean);
-    for_each_vec(n, [&](int64_t j, int64_t c) {
-      const Vec d = Vec::loadu(h + j, c) - vmean;  // tail lanes load 0: masked below
-      acc = acc + (c == kVec ? d * d : Vec::set(Vec(0.f), d * d, c));
-    });
+  float mean = 0.f, var = 0.f;
+  if (a.is_rms) {
+    var = first_moment * inv_n;
   } else {
-    for_each_vec(n, [&](int64_t j, int64_t c) {
-      const Vec v = Vec::loadu(h + j, c);
-      acc = acc + v * v;
-    });
+    mean = first_moment * inv_n;
+    const Vec vmean(mean);
+    var = sum_row(n, [&](int64_t j, int64_t c) {
+      const Vec d = Vec::loadu(h + j, c) - vmean;  // tail lanes load 0: masked
+      return c == kVec ? d * d : Vec::set(Vec(0.f), d * d, c);
+    }) * inv_n;
   }
-  const float var = at::vec::vec_reduce_all<float>([](Vec u, Vec v) { return u + v; }, acc) * inv_n;
   const float rstd = 1.f / std::sqrt(var + a.eps);
   if (a.mean) a.mean[i] = mean;
   a.rstd[i] = rstd;
 
+  const bool prefetch = i + 1 < a.rows;
   float* y = a.y.target(i, s.slot(4));
   const Vec vmean(mean), vrstd(rstd);
   for_each_vec(n, [&](int64_t j, int64_t c) {
+    if (prefetch) {
+      a.x.prefetch(i + 1, j);
+      a.residual.prefetch(i + 1, j);
+    }
     Vec v = (Vec::loadu(h + j, c) - vmean) * vrstd;
     if (a.weight) v = v * Vec::loadu(a.weight + j, c);
     if (a.bias) v = v + Vec::loadu(a.bias + j, c);
@@ -171,50 +207,96 @@ struct BwdArgs {
   const float* mean = nullptr;  // null for RMSNorm
   const float* rstd = nullptr;
   const float* weight = nullptr;
+  int64_t rows = 0;
   int64_t n = 0;
   DropoutRng rng;
 };
 
-void backward_row(const BwdArgs& a, int64_t i, Scratch& s, float* dw_part, float* db_part) {
-  const int64_t n = a.n;
-  const float* h = a.h.load(i, n, s.slot(0));
-  const float* dy = a.dy.load(i, n, s.slot(1));
-  const float* dh = a.dh.present() ? a.dh.load(i, n, s.slot(2)) : nullptr;
-  const float* keep = nullptr;
-  if (a.rng.enabled) {
-    norm_dropout_row(a.rng, i, n, s.slot(3));
-    keep = s.slot(3);
-  }
-  const Vec vmean(a.mean ? a.mean[i] : 0.f), vrstd(a.rstd[i]);
-  Vec acc1(0.f), acc2(0.f);
-  for_each_vec(n, [&](int64_t j, int64_t c) {
-    const Vec xhat = (Vec::loadu(h + j, c) - vmean) * vrstd;
-    Vec g = Vec::loadu(dy + j, c);
-    if (a.weight) g = g * Vec::loadu(a.weight + j, c);
-    // Tail lanes: g is 0 there (dy loads 0), so both products vanish.
-    acc1 = acc1 + xhat * g;
-    acc2 = acc2 + g;
-  });
-  const float inv_n = 1.f / static_cast<float>(n);
-  const auto add = [](Vec u, Vec v) { return u + v; };
-  const Vec c1(at::vec::vec_reduce_all<float>(add, acc1) * inv_n);
-  const Vec c2(a.mean ? at::vec::vec_reduce_all<float>(add, acc2) * inv_n : 0.f);
+// Rows processed together by backward_rows: their dweight / dbias contributions are summed in
+// registers and added to the block's partial rows once per group, not once per row.
+constexpr int64_t kBwdGroup = 4;
+constexpr int kBwdSlots = 6;  // scratch rows per group row: h, dy, dh, keep, dresidual, dx
 
-  float* dres = a.dresidual.present() ? a.dresidual.target(i, s.slot(4)) : nullptr;
-  float* dx = a.dx.target(i, s.slot(5));
+// One row of a backward group: fp32 views (in place or in scratch) and its constants.
+struct BwdRow {
+  const float* h;
+  const float* dy;
+  const float* dh;    // null without the prenorm gradient
+  const float* keep;  // null without dropout
+  float* dres;        // null without a separate dresidual
+  float* dx;
+  float mean, rstd, c1, c2;
+};
+
+// Rows [i0, i0 + count) (count <= kBwdGroup) in two passes: per row, c1 = E[xhat * g] and
+// c2 = E[g] (reading h and dy); then, column by column over the group, the gradients (reading
+// dh, writing dx / dresidual) and the group's sums of dy * xhat and dy, added to the block's
+// dweight / dbias rows.
+void backward_rows(const BwdArgs& a, int64_t i0, int64_t count, Scratch& s, float* dw_part, float* db_part) {
+  const int64_t n = a.n;
+  const float inv_n = 1.f / static_cast<float>(n);
+  BwdRow rows[kBwdGroup];
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t i = i0 + k;
+    const int slot = static_cast<int>(k) * kBwdSlots;
+    BwdRow& r = rows[k];
+    r.h = a.h.load(i, n, s.slot(slot));
+    r.dy = a.dy.load(i, n, s.slot(slot + 1));
+    r.dh = a.dh.present() ? a.dh.load(i, n, s.slot(slot + 2)) : nullptr;
+    r.keep = nullptr;
+    if (a.rng.enabled) {
+      norm_dropout_row(a.rng, i, n, s.slot(slot + 3));
+      r.keep = s.slot(slot + 3);
+    }
+    r.dres = a.dresidual.present() ? a.dresidual.target(i, s.slot(slot + 4)) : nullptr;
+    r.dx = a.dx.target(i, s.slot(slot + 5));
+    r.mean = a.mean ? a.mean[i] : 0.f;
+    r.rstd = a.rstd[i];
+    const Vec vmean(r.mean), vrstd(r.rstd);
+    // Tail lanes: g is 0 there (dy loads 0), so both products vanish.
+    Vec s1a(0.f), s1b(0.f), s2a(0.f), s2b(0.f);
+    const auto accumulate = [&](int64_t j, int64_t c, Vec& s1, Vec& s2) {
+      a.dh.prefetch(i, j);  // read in the second pass
+      const Vec xhat = (Vec::loadu(r.h + j, c) - vmean) * vrstd;
+      Vec g = Vec::loadu(r.dy + j, c);
+      if (a.weight) g = g * Vec::loadu(a.weight + j, c);
+      s1 = s1 + xhat * g;
+      s2 = s2 + g;
+    };
+    int64_t j = 0;
+    for (; j + 2 * kVec <= n; j += 2 * kVec) {
+      accumulate(j, kVec, s1a, s2a);
+      accumulate(j + kVec, kVec, s1b, s2b);
+    }
+    for (; j < n; j += kVec) accumulate(j, std::min(kVec, n - j), s1a, s2a);
+    r.c1 = at::vec::vec_reduce_all<float>(vec_add, s1a + s1b) * inv_n;
+    r.c2 = a.mean ? at::vec::vec_reduce_all<float>(vec_add, s2a + s2b) * inv_n : 0.f;
+  }
+
   for_each_vec(n, [&](int64_t j, int64_t c) {
-    const Vec dyv = Vec::loadu(dy + j, c);
-    const Vec xhat = (Vec::loadu(h + j, c) - vmean) * vrstd;
-    const Vec g = a.weight ? dyv * Vec::loadu(a.weight + j, c) : dyv;
-    Vec grad = vrstd * (g - xhat * c1 - c2);
-    if (dh) grad = grad + Vec::loadu(dh + j, c);
-    if (dres) grad.store(dres + j, c);
-    (keep ? grad * Vec::loadu(keep + j, c) : grad).store(dx + j, c);
-    if (dw_part) (Vec::loadu(dw_part + j, c) + dyv * xhat).store(dw_part + j, c);
-    if (db_part) (Vec::loadu(db_part + j, c) + dyv).store(db_part + j, c);
+    const Vec w = a.weight ? Vec::loadu(a.weight + j, c) : Vec(1.f);
+    Vec dw = dw_part ? Vec::loadu(dw_part + j, c) : Vec(0.f);
+    Vec db = db_part ? Vec::loadu(db_part + j, c) : Vec(0.f);
+    for (int64_t k = 0; k < count; ++k) {
+      const BwdRow& r = rows[k];
+      const Vec vrstd(r.rstd);
+      const Vec dyv = Vec::loadu(r.dy + j, c);
+      const Vec xhat = (Vec::loadu(r.h + j, c) - Vec(r.mean)) * vrstd;
+      Vec grad = vrstd * (dyv * w - xhat * Vec(r.c1) - Vec(r.c2));
+      if (r.dh) grad = grad + Vec::loadu(r.dh + j, c);
+      const Vec grad_dx = r.keep ? grad * Vec::loadu(r.keep + j, c) : grad;
+      if (r.dres) grad.store(r.dres + j, c);
+      grad_dx.store(r.dx + j, c);
+      dw = dw + dyv * xhat;
+      db = db + dyv;
+    }
+    if (dw_part) dw.store(dw_part + j, c);
+    if (db_part) db.store(db_part + j, c);
   });
-  if (dres) a.dresidual.store(i, n, dres);
-  a.dx.store(i, n, dx);
+  for (int64_t k = 0; k < count; ++k) {
+    if (rows[k].dres) a.dresidual.store(i0 + k, n, rows[k].dres);
+    a.dx.store(i0 + k, n, rows[k].dx);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_fwd(
@@ -251,6 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_fwd(
   a.bias = bias.has_value() ? b.data() : nullptr;
   a.mean = is_rms ? nullptr : mean.data_ptr<float>();
   a.rstd = rstd.data_ptr<float>();
+  a.rows = rows;
   a.n = n;
   a.eps = static_cast<float>(eps);
   a.is_rms = is_rms;
@@ -315,15 +398,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_bwd(
   a.mean = is_rms ? nullptr : mean_c.data_ptr<float>();
   a.rstd = rstd_c.data_ptr<float>();
   a.weight = weight.has_value() ? w.data() : nullptr;
+  a.rows = rows;
   a.n = n;
   a.rng = DropoutRng(dropout_p, seed, offset);
 
   at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
-    Scratch s(6, n);
+    Scratch s(kBwdGroup * kBwdSlots, n);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* dw_part = dw_partial.empty() ? nullptr : dw_partial.data() + blk * n;
       float* db_part = db_partial.empty() ? nullptr : db_partial.data() + blk * n;
-      for (int64_t i = blocks.begin(blk); i < blocks.end(blk); ++i) backward_row(a, i, s, dw_part, db_part);
+      for (int64_t i = blocks.begin(blk); i < blocks.end(blk); i += kBwdGroup)
+        backward_rows(a, i, std::min(kBwdGroup, blocks.end(blk) - i), s, dw_part, db_part);
     }
   });
   if (weight.has_value()) reduce_partials(dw_partial, blocks.count, n, dweight);
