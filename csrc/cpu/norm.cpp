@@ -63,7 +63,7 @@ struct Rows {
   }
   // Asks for the cache line holding elements [j, j + kVec) of row i (a hint: never faults).
   void prefetch(int64_t i, int64_t j) const {
-    if (present()) __builtin_prefetch(static_cast<const char*>(data) + (i * stride + j) * elem_bytes);
+    if (present()) __builtin_prefetch(static_cast<const char*>(data) + (i * stride + j) * elem_bytes, 0, 2);
   }
 };
 
@@ -386,8 +386,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_bwd(
   const std::vector<float> w = param_as_float(weight, n);
 
   const RowBlocks blocks(rows);
-  std::vector<float> dw_partial(weight.has_value() ? blocks.count * n : 0, 0.f);
-  std::vector<float> db_partial(bias.has_value() ? blocks.count * n : 0, 0.f);
+  // (blocks, n) fp32 partial rows of dweight and dbias, zeroed.
+  const at::Tensor dw_partial = weight.has_value() ? empty_pooled({blocks.count, n}, at::kFloat).zero_() : at::Tensor();
+  const at::Tensor db_partial = bias.has_value() ? empty_pooled({blocks.count, n}, at::kFloat).zero_() : at::Tensor();
 
   BwdArgs a;
   a.dy = Rows(dy);
@@ -405,14 +406,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_bwd(
   at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
     Scratch s(kBwdGroup * kBwdSlots, n);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      float* dw_part = dw_partial.empty() ? nullptr : dw_partial.data() + blk * n;
-      float* db_part = db_partial.empty() ? nullptr : db_partial.data() + blk * n;
+      float* dw_part = dw_partial.defined() ? dw_partial.data_ptr<float>() + blk * n : nullptr;
+      float* db_part = db_partial.defined() ? db_partial.data_ptr<float>() + blk * n : nullptr;
       for (int64_t i = blocks.begin(blk); i < blocks.end(blk); i += kBwdGroup)
         backward_rows(a, i, std::min(kBwdGroup, blocks.end(blk) - i), s, dw_part, db_part);
     }
   });
-  if (weight.has_value()) reduce_partials(dw_partial, blocks.count, n, dweight);
-  if (bias.has_value()) reduce_partials(db_partial, blocks.count, n, dbias);
+  if (weight.has_value()) reduce_partials(dw_partial.data_ptr<float>(), blocks.count, n, dweight);
+  if (bias.has_value()) reduce_partials(db_partial.data_ptr<float>(), blocks.count, n, dbias);
   return {dx, dresidual, dweight, dbias};
 }
 

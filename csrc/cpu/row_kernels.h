@@ -267,7 +267,7 @@ inline void add_row(float* acc, const float* v, int64_t n) {
 // A few adds per element: up to kSerialElements partial elements (64 blocks x 8192 columns)
 // stay on the calling thread, where waking a second thread costs more than the work (on a
 // loaded machine, a scheduler slice).
-inline void reduce_partials(const std::vector<float>& partials, int64_t blocks, int64_t cols, at::Tensor& out) {
+inline void reduce_partials(const float* partials, int64_t blocks, int64_t cols, at::Tensor& out) {
   constexpr int64_t kChunk = 1024, kSerialElements = int64_t{1} << 19;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "reduce_partials", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -277,11 +277,15 @@ inline void reduce_partials(const std::vector<float>& partials, int64_t blocks, 
       for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {
         const int64_t c0 = chunk * kChunk, len = std::min(kChunk, cols - c0);
         std::fill(acc, acc + len, 0.f);
-        for (int64_t b = 0; b < blocks; ++b) add_row(acc, partials.data() + b * cols + c0, len);
+        for (int64_t b = 0; b < blocks; ++b) add_row(acc, partials + b * cols + c0, len);
         for (int64_t c = 0; c < len; ++c) dst[c0 + c] = static_cast<scalar_t>(acc[c]);
       }
     });
   });
+}
+
+inline void reduce_partials(const std::vector<float>& partials, int64_t blocks, int64_t cols, at::Tensor& out) {
+  reduce_partials(partials.data(), blocks, cols, out);
 }
 
 }  // namespace fastattn_cpu
