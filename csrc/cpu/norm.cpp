@@ -1,6 +1,6 @@
 // CPU residual + LayerNorm / RMSNorm: fastattn::cpu_norm_fwd / cpu_norm_bwd.
 //
-// One task per block of rows (at::parallel_for); each row is read from memory once per
+// Blocks of rows handed out to the threads one at a time (parallel_blocks); each row is read from memory once per
 // direction and its passes run on fp32 copies that stay in L1/L2:
 //   forward:  h = x * keep / (1 - p) + residual (stored in h's dtype; the statistics are taken
 //             on h as stored, so backward sees the same h, mean and rstd), mean = E[h],
@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -125,12 +126,13 @@ struct FwdArgs {
   DropoutRng rng;
 };
 
-// Scratch rows of one task (fp32, n each).
+// Scratch rows of one task (fp32, n each), left uninitialized: fp32 rows without dropout use
+// none of them, and their untouched pages then cost nothing.
 struct Scratch {
-  std::vector<float> buf;
+  std::unique_ptr<float[]> buf;
   int64_t n;
-  Scratch(int slots, int64_t n_) : buf(static_cast<size_t>(slots) * n_), n(n_) {}
-  float* slot(int k) { return buf.data() + k * n; }
+  Scratch(int slots, int64_t n_) : buf(new float[static_cast<size_t>(slots) * n_]), n(n_) {}
+  float* slot(int k) { return buf.get() + k * n; }
 };
 
 // Row i in three passes: h = x * keep + residual (written, and summed: the first and only pass
@@ -214,7 +216,7 @@ struct BwdArgs {
 
 // Rows processed together by backward_rows: their dweight / dbias contributions are summed in
 // registers and added to the block's partial rows once per group, not once per row.
-constexpr int64_t kBwdGroup = 4;
+constexpr int64_t kBwdGroup = 8;
 constexpr int kBwdSlots = 6;  // scratch rows per group row: h, dy, dh, keep, dresidual, dx
 
 // One row of a backward group: fp32 views (in place or in scratch) and its constants.
@@ -279,6 +281,10 @@ void backward_rows(const BwdArgs& a, int64_t i0, int64_t count, Scratch& s, floa
     Vec db = db_part ? Vec::loadu(db_part + j, c) : Vec(0.f);
     for (int64_t k = 0; k < count; ++k) {
       const BwdRow& r = rows[k];
+      if (i0 + count + k < a.rows) {  // the next group's first-pass rows
+        a.h.prefetch(i0 + count + k, j);
+        a.dy.prefetch(i0 + count + k, j);
+      }
       const Vec vrstd(r.rstd);
       const Vec dyv = Vec::loadu(r.dy + j, c);
       const Vec xhat = (Vec::loadu(r.h + j, c) - Vec(r.mean)) * vrstd;
@@ -341,10 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_fwd(
   a.rng = DropoutRng(dropout_p, seed, offset);
 
   const RowBlocks blocks(rows);
-  at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
-    Scratch s(5, n);
-    for (int64_t blk = b0; blk < b1; ++blk)
-      for (int64_t i = blocks.begin(blk); i < blocks.end(blk); ++i) forward_row(a, i, s);
+  parallel_blocks(blocks.count, blocks.grain(n), [&] { return Scratch(5, n); }, [&](int64_t blk, Scratch& s) {
+    for (int64_t i = blocks.begin(blk); i < blocks.end(blk); ++i) forward_row(a, i, s);
   });
   return {y, h, mean, rstd};
 }
@@ -403,14 +407,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_bwd(
   a.n = n;
   a.rng = DropoutRng(dropout_p, seed, offset);
 
-  at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
-    Scratch s(kBwdGroup * kBwdSlots, n);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      float* dw_part = dw_partial.defined() ? dw_partial.data_ptr<float>() + blk * n : nullptr;
-      float* db_part = db_partial.defined() ? db_partial.data_ptr<float>() + blk * n : nullptr;
-      for (int64_t i = blocks.begin(blk); i < blocks.end(blk); i += kBwdGroup)
-        backward_rows(a, i, std::min(kBwdGroup, blocks.end(blk) - i), s, dw_part, db_part);
-    }
+  parallel_blocks(blocks.count, blocks.grain(n), [&] { return Scratch(kBwdGroup * kBwdSlots, n); },
+                  [&](int64_t blk, Scratch& s) {
+    float* dw_part = dw_partial.defined() ? dw_partial.data_ptr<float>() + blk * n : nullptr;
+    float* db_part = db_partial.defined() ? db_partial.data_ptr<float>() + blk * n : nullptr;
+    for (int64_t i = blocks.begin(blk); i < blocks.end(blk); i += kBwdGroup)
+      backward_rows(a, i, std::min(kBwdGroup, blocks.end(blk) - i), s, dw_part, db_part);
   });
   if (weight.has_value()) reduce_partials(dw_partial.data_ptr<float>(), blocks.count, n, dweight);
   if (bias.has_value()) reduce_partials(db_partial.data_ptr<float>(), blocks.count, n, dbias);

@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -257,6 +258,28 @@ struct RowBlocks {
   }
   int64_t end(int64_t block) const { return std::min(rows, (block + 1) * rows_per_block); }
 };
+
+// Calls task(block, worker) for every block in [0, count), worker in [0, workers): the
+// blocks are handed out one at a time to whichever thread asks next, not split in equal
+// shares up front, so a thread that the scheduler holds back (on a shared machine) does fewer
+// blocks instead of making every other thread wait for its share. `make_worker()` gives each
+// thread its state (scratch rows). Which thread does a block never changes the results: each
+// block writes its own rows and its own partial row. Calls of fewer than `grain` blocks run on
+// the calling thread.
+template <typename MakeWorker, typename Task>
+inline void parallel_blocks(int64_t count, int64_t grain, const MakeWorker& make_worker, const Task& task) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (count + grain - 1) / std::max<int64_t>(grain, 1));
+  if (threads <= 1 || at::in_parallel_region()) {
+    auto worker = make_worker();
+    for (int64_t b = 0; b < count; ++b) task(b, worker);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto worker = make_worker();
+    for (int64_t b = next.fetch_add(1); b < count; b = next.fetch_add(1)) task(b, worker);
+  });
+}
 
 // acc[0, n) += v[0, n) (fp32 rows).
 inline void add_row(float* acc, const float* v, int64_t n) {
