@@ -102,6 +102,31 @@ def test_empty_rows():
     assert torch.equal(grads.dbias, torch.zeros_like(inputs.bias))
 
 
+def test_large_outputs_from_reused_buffers_never_alias_live_ones():
+    """Outputs of 128 KiB and more come from csrc/cpu/buffer_pool.h, which hands freed buffers
+    out again: live outputs stay distinct and intact, results do not depend on reuse, and the
+    tensors behave like torch's own (resize_)."""
+    inputs = make_inputs(256, 1024, torch.float32, "cpu")  # 1 MiB per (M, N) tensor
+    options = NormOptions(prenorm=True)
+    first = cnorm.forward(inputs, options, None)
+    expected = [t.clone() for t in (first.y, first.h, first.rstd)]
+    dy = torch.randn_like(first.y)
+    grads = cnorm.backward(dy, dy, first.h, first.mean, first.rstd, inputs, options, None)
+    expected_grads = grads.dx.clone()
+    for _ in range(3):
+        del grads
+        again = cnorm.forward(inputs, options, None)
+        grads = cnorm.backward(dy, dy, again.h, again.mean, again.rstd, inputs, options, None)
+        live = [first.y, first.h, again.y, again.h, grads.dx]
+        assert len({t.data_ptr() for t in live}) == len(live)
+        for got, want in zip((again.y, again.h, again.rstd), expected):
+            assert torch.equal(got, want)
+        assert torch.equal(grads.dx, expected_grads)
+    assert torch.equal(first.y, expected[0]) and torch.equal(first.h, expected[1])
+    grown = again.y.resize_(512, 1024)
+    assert torch.equal(grown[:256], expected[0])
+
+
 def test_parameter_grads_do_not_depend_on_the_thread_count():
     """Row blocks depend on the row count only, partials are summed in block order: bitwise
     equal gradients with 1 and 2 threads (and from run to run)."""
