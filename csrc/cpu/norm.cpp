@@ -1,7 +1,11 @@
 // CPU residual + LayerNorm / RMSNorm: fastattn::cpu_norm_fwd / cpu_norm_bwd.
 //
-// Blocks of rows handed out to the threads one at a time (parallel_blocks); each row is read from memory once per
-// direction and its passes run on fp32 copies that stay in L1/L2:
+// Blocks of rows handed out to the threads one at a time (parallel_blocks); each row is read
+// from memory once per direction and its passes run on fp32 copies that stay in L1/L2, while
+// the next rows are prefetched. The kernels are bound by memory bandwidth: forward reads x and
+// residual and writes h and y, backward reads dy, dh and h and writes dx (and dresidual only
+// when it differs from dx); outputs come from the buffer pool (buffer_pool.h), reused rather
+// than faulted in on every call.
 //   forward:  h = x * keep / (1 - p) + residual (stored in h's dtype; the statistics are taken
 //             on h as stored, so backward sees the same h, mean and rstd), mean = E[h],
 //             rstd = 1 / sqrt(E[(h - mean)^2] + eps) (RMSNorm: E[h^2]), y = xhat * w + b.
@@ -108,10 +112,6 @@ float sum_row(int64_t n, const F& f) {
   return at::vec::vec_reduce_all<float>(vec_add, (acc0 + acc1) + (acc2 + acc3));
 }
 
-float row_sum(const float* v, int64_t n) {
-  return sum_row(n, [&](int64_t j, int64_t c) { return Vec::loadu(v + j, c); });
-}
-
 struct FwdArgs {
   Rows x, residual, y, h;
   const float* weight = nullptr;  // (n,) fp32 copies, or null
@@ -135,9 +135,9 @@ struct Scratch {
   float* slot(int k) { return buf.get() + k * n; }
 };
 
-// Row i in three passes: h = x * keep + residual (written, and summed: the first and only pass
-// over memory), the centred sum of squares (RMSNorm: the sum of squares, taken in the first
-// pass for fp32 h), y (written, while the next row's inputs are prefetched).
+// Row i in three passes: h = x * keep + residual (written, and summed in the same pass, the one
+// reading x and residual), the centred sum of squares (RMSNorm: the sum of squares, taken in
+// the first pass for fp32 h), y (written, while the next row's x and residual are prefetched).
 void forward_row(const FwdArgs& a, int64_t i, Scratch& s) {
   const int64_t n = a.n;
   const float* x = a.x.load(i, n, s.slot(0));
