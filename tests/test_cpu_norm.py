@@ -102,6 +102,26 @@ def test_empty_rows():
     assert torch.equal(grads.dbias, torch.zeros_like(inputs.bias))
 
 
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_outputs_written_around_the_caches_equal_cached_stores(kind):
+    """y of 32 MiB and more and dx of 8 MiB and more are written with non-temporal stores
+    (csrc/cpu/norm.cpp kStreamYBytes, kStreamDxBytes). Rows are independent, so the first rows
+    of such a call equal those of a call too small to stream (checked against the reference
+    above), bit for bit."""
+    inputs = make_inputs(8192, 1024, torch.float32, "cpu", kind=kind)  # 32 MiB per (M, N) tensor
+    options = NormOptions(kind=kind, eps=EPS, prenorm=True)
+    dy = torch.randn_like(inputs.x)
+    rows = 1024
+    results = []
+    for m in (8192, rows):
+        case = NormInputs(inputs.x[:m], inputs.residual[:m], inputs.weight, inputs.bias)
+        out = cnorm.forward(case, options, None)
+        grads = cnorm.backward(dy[:m], dy[:m], out.h, out.mean, out.rstd, case, options, None)
+        results.append([t[:rows] for t in (out.y, out.h, out.rstd, grads.dx)])
+    for streamed, cached in zip(*results):
+        assert torch.equal(streamed, cached)
+
+
 def test_large_outputs_from_reused_buffers_never_alias_live_ones():
     """Outputs of 128 KiB and more come from csrc/cpu/buffer_pool.h, which hands freed buffers
     out again: live outputs stay distinct and intact, results do not depend on reuse, and the

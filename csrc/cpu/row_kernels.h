@@ -80,6 +80,26 @@ inline Vec round_to(const Vec& v) {
   }
 }
 
+// Stores v to p, 64-byte aligned, around the caches (a non-temporal store): no read of the
+// line before it is written, and no eviction of cached data for it. For large outputs that
+// are not read again soon; the writes become visible to other threads after a fence
+// (stream_fence) or the end of the parallel region.
+inline void stream_vec(float* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(p, v);
+#else
+  v.store(p);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Applies f(j, count) over [0, n) in vector steps; count < kVec only for the tail.
 template <typename F>
 inline void for_each_vec(int64_t n, const F& f) {
