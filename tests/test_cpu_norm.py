@@ -147,6 +147,17 @@ def test_large_outputs_from_reused_buffers_never_alias_live_ones():
     assert torch.equal(grown[:256], expected[0])
 
 
+def test_pooled_outputs_count_in_the_profilers_memory_statistics():
+    """The benchmarks' peak memory (fastattn.bench.harness.peak_memory) sees pooled outputs."""
+    from fastattn.bench.harness import peak_memory
+
+    inputs = make_inputs(256, 1024, torch.float32, "cpu")  # y and h: 1 MiB each
+    peak_mib, reason = peak_memory(lambda: cnorm.forward(inputs, NormOptions(prenorm=True), None), torch.device("cpu"))
+    if peak_mib is None:
+        pytest.skip(f"this torch's profiler gives no allocation events: {reason}")
+    assert peak_mib >= 2.0
+
+
 def test_parameter_grads_do_not_depend_on_the_thread_count():
     """Row blocks depend on the row count only, partials are summed in block order: bitwise
     equal gradients with 1 and 2 threads (and from run to run)."""

@@ -47,6 +47,8 @@ class BufferPool final : public c10::Allocator {
     const size_t size = block_size(nbytes);
     Block* block = take(size);
     if (block == nullptr) block = new_block(size);
+    block->requested = nbytes;
+    report(block->data, static_cast<int64_t>(nbytes));
     return {block->data, block, &BufferPool::release, c10::Device(c10::kCPU)};
   }
 
@@ -58,7 +60,22 @@ class BufferPool final : public c10::Allocator {
   struct Block {
     void* data;
     size_t size;
+    size_t requested = 0;  // bytes of the tensor it holds now
   };
+
+  // Tells torch's profiler (profile_memory=True) about an allocation (+) or a free (-), as
+  // torch's own CPU allocator does, so pooled outputs count in its memory statistics.
+  void report(void* data, int64_t delta) {
+    size_t in_use = 0, reserved = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_bytes_ = static_cast<size_t>(static_cast<int64_t>(in_use_bytes_) + delta);
+      in_use = in_use_bytes_;
+      reserved = in_use_bytes_ + cached_bytes_;
+    }
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(data, delta, in_use, reserved, c10::Device(c10::kCPU));
+  }
 
   // Size classes: powers of two below 2 MiB, multiples of 2 MiB above (at most 1/8 or 2 MiB
   // wasted), so outputs of nearby sizes share blocks.
@@ -96,6 +113,7 @@ class BufferPool final : public c10::Allocator {
   static void release(void* ctx) {
     Block* block = static_cast<Block*>(ctx);
     BufferPool& pool = get();
+    pool.report(block->data, -static_cast<int64_t>(block->requested));
     std::vector<Block*> evicted;
     {
       std::lock_guard<std::mutex> lock(pool.mutex_);
@@ -117,6 +135,7 @@ class BufferPool final : public c10::Allocator {
   std::mutex mutex_;
   std::vector<Block*> free_;
   size_t cached_bytes_ = 0;
+  size_t in_use_bytes_ = 0;  // held by live tensors
 };
 
 // at::empty on the CPU, its storage from the BufferPool.
