@@ -82,8 +82,7 @@ inline Vec round_to(const Vec& v) {
 
 // Stores v to p, 64-byte aligned, around the caches (a non-temporal store): no read of the
 // line before it is written, and no eviction of cached data for it. For large outputs that
-// are not read again soon; the writes become visible to other threads after a fence
-// (stream_fence) or the end of the parallel region.
+// are not read again soon; other threads are sure to see the writes after stream_fence().
 inline void stream_vec(float* p, const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm512_stream_ps(p, v);
@@ -279,13 +278,12 @@ struct RowBlocks {
   int64_t end(int64_t block) const { return std::min(rows, (block + 1) * rows_per_block); }
 };
 
-// Calls task(block, worker) for every block in [0, count), worker in [0, workers): the
-// blocks are handed out one at a time to whichever thread asks next, not split in equal
-// shares up front, so a thread that the scheduler holds back (on a shared machine) does fewer
-// blocks instead of making every other thread wait for its share. `make_worker()` gives each
-// thread its state (scratch rows). Which thread does a block never changes the results: each
-// block writes its own rows and its own partial row. Calls of fewer than `grain` blocks run on
-// the calling thread.
+// Calls task(block, state) for every block in [0, count), state being the running thread's
+// make_worker() result (its scratch rows). Blocks are handed out one at a time to whichever
+// thread asks next, not split in equal shares up front, so a thread that the scheduler holds
+// back (on a shared machine) does fewer blocks instead of making every other thread wait for
+// its share. Which thread does a block never changes the results: each block writes its own
+// rows and its own partial row. Calls of fewer than `grain` blocks run on the calling thread.
 template <typename MakeWorker, typename Task>
 inline void parallel_blocks(int64_t count, int64_t grain, const MakeWorker& make_worker, const Task& task) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (count + grain - 1) / std::max<int64_t>(grain, 1));
