@@ -104,10 +104,9 @@ def test_empty_rows():
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_outputs_written_around_the_caches_equal_cached_stores(kind):
-    """y of 32 MiB and more and dx of 8 MiB and more are written with non-temporal stores
-    (csrc/cpu/norm.cpp kStreamYBytes, kStreamDxBytes). Rows are independent, so the first rows
-    of such a call equal those of a call too small to stream (checked against the reference
-    above), bit for bit."""
+    """Outputs of 32 MiB and more are written with non-temporal stores (csrc/cpu/norm.cpp
+    kStreamBytes). Rows are independent, so the first rows of such a call equal those of a call
+    too small to stream (checked against the reference above), bit for bit."""
     inputs = make_inputs(8192, 1024, torch.float32, "cpu", kind=kind)  # 32 MiB per (M, N) tensor
     options = NormOptions(kind=kind, eps=EPS, prenorm=True)
     dy = torch.randn_like(inputs.x)
