@@ -251,8 +251,9 @@ struct BwdRow {
 // Rows [i0, i0 + count) (count <= kBwdGroup) in two passes: per row, c1 = E[xhat * g] and
 // c2 = E[g] (reading h and dy); then, column by column over the group, the gradients (reading
 // dh, writing dx / dresidual) and the group's sums of dy * xhat and dy, added to the block's
-// dweight / dbias rows.
-void backward_rows(const BwdArgs& a, int64_t i0, int64_t count, Scratch& s, float* dw_part, float* db_part) {
+// dweight / dbias rows (written, by the block's first group).
+void backward_rows(const BwdArgs& a, int64_t i0, int64_t count, Scratch& s, float* dw_part, float* db_part,
+                   bool first_in_block) {
   const int64_t n = a.n;
   const float inv_n = 1.f / static_cast<float>(n);
   BwdRow rows[kBwdGroup];
@@ -295,8 +296,8 @@ void backward_rows(const BwdArgs& a, int64_t i0, int64_t count, Scratch& s, floa
 
   for_each_vec(n, [&](int64_t j, int64_t c) {
     const Vec w = a.weight ? Vec::loadu(a.weight + j, c) : Vec(1.f);
-    Vec dw = dw_part ? Vec::loadu(dw_part + j, c) : Vec(0.f);
-    Vec db = db_part ? Vec::loadu(db_part + j, c) : Vec(0.f);
+    Vec dw = dw_part && !first_in_block ? Vec::loadu(dw_part + j, c) : Vec(0.f);
+    Vec db = db_part && !first_in_block ? Vec::loadu(db_part + j, c) : Vec(0.f);
     for (int64_t k = 0; k < count; ++k) {
       const BwdRow& r = rows[k];
       if (i0 + count + k < a.rows) {  // the next group's first-pass rows
@@ -415,9 +416,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_bwd(
   const std::vector<float> w = param_as_float(weight, n);
 
   const RowBlocks blocks(rows);
-  // (blocks, n) fp32 partial rows of dweight and dbias, zeroed.
-  const at::Tensor dw_partial = weight.has_value() ? empty_pooled({blocks.count, n}, at::kFloat).zero_() : at::Tensor();
-  const at::Tensor db_partial = bias.has_value() ? empty_pooled({blocks.count, n}, at::kFloat).zero_() : at::Tensor();
+  // (blocks, n) fp32 partial rows of dweight and dbias, set by each block's first group.
+  const at::Tensor dw_partial = weight.has_value() ? empty_pooled({blocks.count, n}, at::kFloat) : at::Tensor();
+  const at::Tensor db_partial = bias.has_value() ? empty_pooled({blocks.count, n}, at::kFloat) : at::Tensor();
 
   BwdArgs a;
   a.dy = Rows(dy);
@@ -439,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_norm_bwd(
     float* dw_part = dw_partial.defined() ? dw_partial.data_ptr<float>() + blk * n : nullptr;
     float* db_part = db_partial.defined() ? db_partial.data_ptr<float>() + blk * n : nullptr;
     for (int64_t i = blocks.begin(blk); i < blocks.end(blk); i += kBwdGroup)
-      backward_rows(a, i, std::min(kBwdGroup, blocks.end(blk) - i), s, dw_part, db_part);
+      backward_rows(a, i, std::min(kBwdGroup, blocks.end(blk) - i), s, dw_part, db_part, i == blocks.begin(blk));
     stream_fence();
   });
   if (weight.has_value()) reduce_partials(dw_partial.data_ptr<float>(), blocks.count, n, dweight);
