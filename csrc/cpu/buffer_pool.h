@@ -86,9 +86,10 @@ class BufferPool final : public c10::Allocator {
     return size;
   }
 
+  // The most recently freed block of this size: the likeliest to be still in cache.
   Block* take(size_t size) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (size_t k = 0; k < free_.size(); ++k) {
+    for (size_t k = free_.size(); k-- > 0;) {
       if (free_[k]->size == size) {
         Block* block = free_[k];
         free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(k));
