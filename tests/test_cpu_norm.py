@@ -102,6 +102,61 @@ def test_empty_rows():
     assert torch.equal(grads.dbias, torch.zeros_like(inputs.bias))
 
 
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_outputs_written_around_the_caches_equal_cached_stores(kind):
+    """Outputs of 32 MiB and more are written with non-temporal stores (csrc/cpu/norm.cpp
+    kStreamBytes). Rows are independent, so the first rows of such a call equal those of a call
+    too small to stream (checked against the reference above), bit for bit."""
+    inputs = make_inputs(8192, 1024, torch.float32, "cpu", kind=kind)  # 32 MiB per (M, N) tensor
+    options = NormOptions(kind=kind, eps=EPS, prenorm=True)
+    dy = torch.randn_like(inputs.x)
+    rows = 1024
+    results = []
+    for m in (8192, rows):
+        case = NormInputs(inputs.x[:m], inputs.residual[:m], inputs.weight, inputs.bias)
+        out = cnorm.forward(case, options, None)
+        grads = cnorm.backward(dy[:m], dy[:m], out.h, out.mean, out.rstd, case, options, None)
+        results.append([t[:rows] for t in (out.y, out.h, out.rstd, grads.dx)])
+    for streamed, cached in zip(*results):
+        assert torch.equal(streamed, cached)
+
+
+def test_large_outputs_from_reused_buffers_never_alias_live_ones():
+    """Outputs of 128 KiB and more come from csrc/cpu/buffer_pool.h, which hands freed buffers
+    out again: live outputs stay distinct and intact, results do not depend on reuse, and the
+    tensors behave like torch's own (resize_)."""
+    inputs = make_inputs(256, 1024, torch.float32, "cpu")  # 1 MiB per (M, N) tensor
+    options = NormOptions(prenorm=True)
+    first = cnorm.forward(inputs, options, None)
+    expected = [t.clone() for t in (first.y, first.h, first.rstd)]
+    dy = torch.randn_like(first.y)
+    grads = cnorm.backward(dy, dy, first.h, first.mean, first.rstd, inputs, options, None)
+    expected_grads = grads.dx.clone()
+    for _ in range(3):
+        del grads
+        again = cnorm.forward(inputs, options, None)
+        grads = cnorm.backward(dy, dy, again.h, again.mean, again.rstd, inputs, options, None)
+        live = [first.y, first.h, again.y, again.h, grads.dx]
+        assert len({t.data_ptr() for t in live}) == len(live)
+        for got, want in zip((again.y, again.h, again.rstd), expected):
+            assert torch.equal(got, want)
+        assert torch.equal(grads.dx, expected_grads)
+    assert torch.equal(first.y, expected[0]) and torch.equal(first.h, expected[1])
+    grown = again.y.resize_(512, 1024)
+    assert torch.equal(grown[:256], expected[0])
+
+
+def test_pooled_outputs_count_in_the_profilers_memory_statistics():
+    """The benchmarks' peak memory (fastattn.bench.harness.peak_memory) sees pooled outputs."""
+    from fastattn.bench.harness import peak_memory
+
+    inputs = make_inputs(256, 1024, torch.float32, "cpu")  # y and h: 1 MiB each
+    peak_mib, reason = peak_memory(lambda: cnorm.forward(inputs, NormOptions(prenorm=True), None), torch.device("cpu"))
+    if peak_mib is None:
+        pytest.skip(f"this torch's profiler gives no allocation events: {reason}")
+    assert peak_mib >= 2.0
+
+
 def test_parameter_grads_do_not_depend_on_the_thread_count():
     """Row blocks depend on the row count only, partials are summed in block order: bitwise
     equal gradients with 1 and 2 threads (and from run to run)."""

@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -77,6 +78,25 @@ inline Vec round_to(const Vec& v) {
     store_vec(reinterpret_cast<T*>(tmp), v);
     return load_vec(reinterpret_cast<const T*>(tmp));
   }
+}
+
+// Stores v to p, 64-byte aligned, around the caches (a non-temporal store): no read of the
+// line before it is written, and no eviction of cached data for it. For large outputs that
+// are not read again soon; other threads are sure to see the writes after stream_fence().
+inline void stream_vec(float* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(p, v);
+#else
+  v.store(p);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 // Applies f(j, count) over [0, n) in vector steps; count < kVec only for the tail.
@@ -258,6 +278,27 @@ struct RowBlocks {
   int64_t end(int64_t block) const { return std::min(rows, (block + 1) * rows_per_block); }
 };
 
+// Calls task(block, state) for every block in [0, count), state being the running thread's
+// make_worker() result (its scratch rows). Blocks are handed out one at a time to whichever
+// thread asks next, not split in equal shares up front, so a thread that the scheduler holds
+// back (on a shared machine) does fewer blocks instead of making every other thread wait for
+// its share. Which thread does a block never changes the results: each block writes its own
+// rows and its own partial row. Calls of fewer than `grain` blocks run on the calling thread.
+template <typename MakeWorker, typename Task>
+inline void parallel_blocks(int64_t count, int64_t grain, const MakeWorker& make_worker, const Task& task) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (count + grain - 1) / std::max<int64_t>(grain, 1));
+  if (threads <= 1 || at::in_parallel_region()) {
+    auto worker = make_worker();
+    for (int64_t b = 0; b < count; ++b) task(b, worker);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto worker = make_worker();
+    for (int64_t b = next.fetch_add(1); b < count; b = next.fetch_add(1)) task(b, worker);
+  });
+}
+
 // acc[0, n) += v[0, n) (fp32 rows).
 inline void add_row(float* acc, const float* v, int64_t n) {
   for_each_vec(n, [&](int64_t j, int64_t c) { (Vec::loadu(acc + j, c) + Vec::loadu(v + j, c)).store(acc + j, c); });
@@ -267,7 +308,7 @@ inline void add_row(float* acc, const float* v, int64_t n) {
 // A few adds per element: up to kSerialElements partial elements (64 blocks x 8192 columns)
 // stay on the calling thread, where waking a second thread costs more than the work (on a
 // loaded machine, a scheduler slice).
-inline void reduce_partials(const std::vector<float>& partials, int64_t blocks, int64_t cols, at::Tensor& out) {
+inline void reduce_partials(const float* partials, int64_t blocks, int64_t cols, at::Tensor& out) {
   constexpr int64_t kChunk = 1024, kSerialElements = int64_t{1} << 19;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "reduce_partials", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -277,11 +318,15 @@ inline void reduce_partials(const std::vector<float>& partials, int64_t blocks, 
       for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {
         const int64_t c0 = chunk * kChunk, len = std::min(kChunk, cols - c0);
         std::fill(acc, acc + len, 0.f);
-        for (int64_t b = 0; b < blocks; ++b) add_row(acc, partials.data() + b * cols + c0, len);
+        for (int64_t b = 0; b < blocks; ++b) add_row(acc, partials + b * cols + c0, len);
         for (int64_t c = 0; c < len; ++c) dst[c0 + c] = static_cast<scalar_t>(acc[c]);
       }
     });
   });
+}
+
+inline void reduce_partials(const std::vector<float>& partials, int64_t blocks, int64_t cols, at::Tensor& out) {
+  reduce_partials(partials.data(), blocks, cols, out);
 }
 
 }  // namespace fastattn_cpu

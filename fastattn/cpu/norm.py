@@ -1,13 +1,17 @@
 """CPU residual + LayerNorm / RMSNorm: backend primitives over ``torch.ops.fastattn.cpu_norm_fwd``
 and ``cpu_norm_bwd`` (csrc/cpu/norm.cpp), plus their fake tensors.
 
-Kernels: one task per block of rows (``at::parallel_for``, threads from
-``torch.get_num_threads()``); each row is read once per direction and its passes (sum, centred
-sum of squares, output) run vectorized (``at::vec::Vectorized<float>``) on an fp32 copy held in
-cache. fp32 statistics, taken on h as stored (rounded to its dtype). dweight / dbias: per-block
-fp32 partial rows summed in block order, the blocks fixed by the row count, so the gradients are
-bitwise reproducible with any thread count. Dropout: the Triton backend's mask
-(:func:`dropout_mask`, fastattn/cpu/dropout_masks.py), regenerated in backward.
+Kernels: blocks of rows handed out one at a time to ``torch.get_num_threads()`` threads; each
+row is read from memory once per direction and its passes (h and its sum, centred sum of
+squares, output) run vectorized (``at::vec::Vectorized<float>``) on rows held in cache, the next
+rows prefetched. Backward takes rows in groups of 8 and adds their dweight / dbias
+contributions to the block's partial rows once per group. fp32 statistics, taken on h as
+stored (rounded to its dtype). dweight / dbias: per-block fp32 partial rows summed in block
+order, the blocks fixed by the row count, so the gradients are bitwise reproducible with any
+thread count. Dropout: the Triton backend's mask (:func:`dropout_mask`,
+fastattn/cpu/dropout_masks.py), regenerated in backward. Outputs of 128 KiB and more (y, h, dx,
+dresidual) come from a pool of reused buffers (csrc/cpu/buffer_pool.h): a fresh buffer's page
+faults cost more than the kernel that fills it.
 """
 
 from __future__ import annotations
