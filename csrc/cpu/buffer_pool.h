@@ -52,6 +52,21 @@ class BufferPool final : public c10::Allocator {
     return {block->data, block, &BufferPool::release, c10::Device(c10::kCPU)};
   }
 
+  // Returns every free block to the system (blocks held by live tensors come back to the pool
+  // when those are freed).
+  void release_cached() {
+    std::vector<Block*> freed;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      freed.swap(free_);
+      cached_bytes_ = 0;
+    }
+    for (Block* b : freed) {
+      std::free(b->data);
+      delete b;
+    }
+  }
+
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }

@@ -462,6 +462,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "cpu_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? mean, Tensor rstd, Tensor? weight, Tensor? bias, "
       "float dropout_p, int seed, int offset, bool is_rms, ScalarType? residual_dtype) "
       "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)");
+  // Frees the buffer pool's idle blocks (outputs alive now keep theirs).
+  m.def("cpu_release_buffers() -> ()", [] { fastattn_cpu::BufferPool::get().release_cached(); });
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {

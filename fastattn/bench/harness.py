@@ -336,10 +336,16 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def free_memory(device: torch.device) -> None:
     """Return freed blocks to the GPU so the next provider's peak starts clean. CPU tensors are
-    freed by reference counting already (and gc.collect after torch.compile is slow)."""
+    freed by reference counting already (and gc.collect after torch.compile is slow), but the
+    cpu backend keeps reused buffers: they go back to the system, so the next provider's
+    allocations find the heap as they would without fastattn."""
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
+    else:
+        from fastattn import cpu
+
+        cpu.release_memory()
 
 
 def short_error(err: BaseException, limit: int = 300) -> str:

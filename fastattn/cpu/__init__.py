@@ -38,3 +38,15 @@ def ensure_loaded() -> None:
     if failure is not None:
         raise RuntimeError(f"the fastattn CPU extension is unavailable: {failure}")
     _loaded = True
+
+
+def release_memory() -> None:
+    """Returns the memory the cpu backend keeps between calls to the system: the FFN's
+    workspaces and the idle blocks of the norms' output pool (like ``torch.cuda.empty_cache``;
+    memory of live tensors is kept). Nothing to do when the extension was never loaded."""
+    if not _loaded:
+        return
+    import torch
+
+    torch.ops.fastattn.cpu_ffn_release_workspace()
+    torch.ops.fastattn.cpu_release_buffers()

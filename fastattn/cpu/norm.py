@@ -11,7 +11,8 @@ order, the blocks fixed by the row count, so the gradients are bitwise reproduci
 thread count. Dropout: the Triton backend's mask (:func:`dropout_mask`,
 fastattn/cpu/dropout_masks.py), regenerated in backward. Outputs of 128 KiB and more (y, h, dx,
 dresidual) come from a pool of reused buffers (csrc/cpu/buffer_pool.h): a fresh buffer's page
-faults cost more than the kernel that fills it.
+faults cost more than the kernel that fills it. Up to 512 MiB of idle blocks are kept, until
+:func:`fastattn.cpu.release_memory`.
 """
 
 from __future__ import annotations
