@@ -18,6 +18,7 @@ import contextvars
 import dataclasses
 import functools
 import importlib
+import operator
 import os
 from types import ModuleType
 from typing import Iterator, Optional
@@ -43,15 +44,17 @@ def triton_interpret_enabled() -> bool:
 def _signature(inputs) -> tuple:
     """What the checks of a call may read of its inputs dataclass: each field's dtype, device
     and shape for a tensor, else its value (the type included: KV-cache inputs differ)."""
-    return (type(inputs),) + tuple(
+    cls = type(inputs)
+    return (cls, *[
         (value.dtype, value.device, value.shape) if isinstance(value, torch.Tensor) else value
-        for value in (getattr(inputs, name) for name in _field_names(type(inputs)))
-    )
+        for value in _fields_of(cls)(inputs)
+    ])
 
 
 @functools.lru_cache(maxsize=None)
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(field.name for field in dataclasses.fields(cls))
+def _fields_of(cls: type) -> operator.attrgetter:
+    """A getter of all of ``cls``'s dataclass fields, as a tuple, in declaration order."""
+    return operator.attrgetter(*(field.name for field in dataclasses.fields(cls)))
 
 
 class Backend:
