@@ -365,14 +365,17 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
   const int64_t max_keys = (p.lk + W - 1) / W * W;
 
   const int64_t tasks = p.batch * H * chunks;
+  // Buffers sized for the problem when it is smaller than a tile (small calls are dominated by
+  // fixed costs): rows of S hold ld_s >= any key block's panels.
+  const int64_t rows = std::min(BM, p.lq), ld_s = std::min(BN, max_keys);
   parallel_tasks(tasks, [&](const auto& next_task) {
-    std::vector<float> scores(BM * BN), acc(BM * D), row_max(BM), row_sum(BM);  // S, O, m, l
-    std::vector<float> q_rows(BM * Dp);  // the query block as compact fp32 rows
-    std::vector<float> sum_vec(BM * Vec::size());  // SoftmaxEpilogue's lane-wise sums
+    std::vector<float> scores(rows * ld_s), acc(rows * D), row_max(rows), row_sum(rows);  // S, O, m, l
+    std::vector<float> q_rows(rows * Dp);  // the query block as compact fp32 rows
+    std::vector<float> sum_vec(rows * Vec::size());  // SoftmaxEpilogue's lane-wise sums
     // The task's keys as fp32 GEMM panels, packed once per task (L2-resident, read by each of its
     // query blocks): K^T (D x keys) panels of keys, then V (keys x D) panels of head dims.
     std::vector<float> key_panels(max_keys * D + dim_panels * max_keys * W);
-    std::vector<uint8_t> keep(p.dropout() ? BM * BN : 0);
+    std::vector<uint8_t> keep(p.dropout() ? rows * ld_s : 0);
     for (int64_t task = next_task(); task < tasks; task = next_task()) {
       const int64_t chunk = task % chunks, h = (task / chunks) % H, b = task / (chunks * H);
       const int64_t hk = h / group;
@@ -399,19 +402,19 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
           const Panels kt_block{kt_pan + (j0 - keys_begin) / W * D * W, D * W};
           // Every row sees the whole tile and nothing else applies: the softmax in the GEMM's epilogue.
           if (!p.elementwise() && !p.dropout() && p.lo(i0 + m - 1) <= j0 && p.hi(i0) >= j0 + n) {
-            panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN,
+            panel_gemm_epilogue(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), ld_s,
                                 SoftmaxEpilogue{row_max.data(), row_sum.data(), sum_vec.data(), acc.data(), D,
                                                 p.scale});
-            panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
+            panel_gemm(m, D, n, scores.data(), ld_s, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
                        true);
             continue;
           }
-          panel_gemm(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), BN, false);
+          panel_gemm(m, n, D, q_tile, Dp, 1, kt_block, scores.data(), ld_s, false);
           if (p.dropout())
             dropout_keep_tile(p.seed, p.offset, static_cast<uint32_t>(b * H + h), i0, m, j0, n, p.dropout_p,
-                              keep.data(), BN);
+                              keep.data(), ld_s);
           for (int64_t r = 0; r < m; ++r) {
-            float* s = scores.data() + r * BN;
+            float* s = scores.data() + r * ld_s;
             const float mult = prepare_scores(p, b, h, i0 + r, j0, n, s, nullptr);
             const float new_max = std::max(row_max[r], vec_max(s, n) * mult);
             float* o = acc.data() + r * D;
@@ -428,11 +431,11 @@ void forward_kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, c
             }
             if (p.dropout()) {
               const float inv_keep = 1.f / (1.f - p.dropout_p);
-              const uint8_t* kr = keep.data() + r * BN;
+              const uint8_t* kr = keep.data() + r * ld_s;
               for (int64_t c = 0; c < n; ++c) s[c] = kr[c] ? s[c] * inv_keep : 0.f;
             }
           }
-          panel_gemm(m, D, n, scores.data(), BN, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
+          panel_gemm(m, D, n, scores.data(), ld_s, 1, {v_pan + (j0 - keys_begin) * W, v_panel_stride}, acc.data(), D,
                      true);
         }
         for (int64_t r = 0; r < m; ++r) {
