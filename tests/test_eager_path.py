@@ -105,6 +105,21 @@ def test_eager_path_is_bit_identical_to_the_custom_ops(backend, dtype):
         assert torch.equal(eager_grads[name], op_grads[name]), f"grad of {name} differs"
 
 
+@pytest.mark.parametrize(("backend", "dtype"), CASES)
+def test_inference_calls_skip_autograd_with_the_same_results(backend, dtype):
+    """Without grad (no_grad, or no input requiring grad) the eager path calls the backend's
+    forward directly: the same outputs, bit for bit, and nothing recorded."""
+    tensors = _inputs(dtype)
+    torch.manual_seed(11)
+    expected = _calls(tensors, backend)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        got = _calls(tensors, backend)
+    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+        assert g.grad_fn is None and not g.requires_grad
+        assert torch.equal(e, g), f"output {i} differs"
+
+
 def test_dropout_masks_follow_the_seed_on_the_eager_path():
     tensors = _inputs(torch.float32)
     torch.manual_seed(5)

@@ -182,6 +182,12 @@ def run_backward(op: str, state: torch.Tensor, inputs, opts, *args):
     return backward_on(chosen, op, inputs, opts, rng, *args)
 
 
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether an eager call must record autograd (grad mode on and some input requires grad);
+    without, the eager path calls the backend's forward directly, not through a Function."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def eager_rng(dropout_p: float) -> Optional[RngState]:
     """The eager path's dropout draw: the same draw as :func:`draw_rng`, without the tensor."""
     return RngState.draw() if dropout_p > 0 else None

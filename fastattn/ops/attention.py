@@ -353,7 +353,10 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
     request = _custom_op.backend_request(backend)
     if _custom_op.is_plain_eager(tensors):
         rng = _custom_op.eager_rng(options.dropout_p)
-        return _AttentionEager.apply(inputs, options, request, rng, inputs.q, inputs.k, inputs.v)
+        if _custom_op.needs_grad(inputs.q, inputs.k, inputs.v):
+            return _AttentionEager.apply(inputs, options, request, rng, inputs.q, inputs.k, inputs.v)
+        (out, lse), _chosen = _custom_op.forward_on("attention", inputs, options, request, rng)
+        return out, lse
     out, lse, _state = _ATTENTION.forward_op(
         *tensors, inputs.max_seqlen_q, inputs.max_seqlen_k,
         _custom_op.encode_options(options), request, _custom_op.draw_rng(options.dropout_p),

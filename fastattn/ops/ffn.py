@@ -214,7 +214,10 @@ def feed_forward(
     request = _custom_op.backend_request(backend)
     if _custom_op.is_plain_eager((x, w1, b1, w2, b2)):
         rng = _custom_op.eager_rng(options.dropout_p)
-        return _FeedForwardEager.apply(inputs, options, request, rng, x, w1, b1, w2, b2)
+        if _custom_op.needs_grad(x, w1, b1, w2, b2):
+            return _FeedForwardEager.apply(inputs, options, request, rng, x, w1, b1, w2, b2)
+        (y, _z), _chosen = _custom_op.forward_on("ffn", inputs, options, request, rng)
+        return y.view(*x.shape[:-1], y.shape[-1])
     y, _z, _state = _FFN.forward_op(
         inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2,
         _custom_op.encode_options(options), request, _custom_op.draw_rng(options.dropout_p),

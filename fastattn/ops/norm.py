@@ -209,14 +209,13 @@ class _NormEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs: NormInputs, options: NormOptions, backend: Optional[str], rng, x, residual, weight, bias):
-        result, chosen = _custom_op.forward_on("norm", inputs, options, backend, rng)
-        h_is_x = _h_is_x(inputs.x, inputs.residual, options)
-        ctx.save_for_backward(inputs.x if h_is_x else result.h, weight, bias, result.mean, result.rstd)
+        y, h, result, chosen = _forward_eager(inputs, options, backend, rng, x.shape)
+        ctx.save_for_backward(inputs.x if h is None else result.h, weight, bias, result.mean, result.rstd)
         ctx.chosen, ctx.options, ctx.rng, ctx.shape = chosen, options, rng, x.shape
         ctx.x_dtype = x.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.set_materialize_grads(False)
-        return result.y.view(x.shape), None if h_is_x else result.h.view(x.shape)
+        return y, h
 
     @staticmethod
     @once_differentiable
@@ -241,12 +240,23 @@ class _NormEager(torch.autograd.Function):
                 None if weight is None else grads.dweight, None if bias is None else grads.dbias)
 
 
+def _forward_eager(inputs: NormInputs, options: NormOptions, backend: Optional[str], rng, shape):
+    """The eager path's forward: y and h shaped like x (h None when it is x), the backend's
+    result and the chosen backend."""
+    result, chosen = _custom_op.forward_on("norm", inputs, options, backend, rng)
+    h = None if _h_is_x(inputs.x, inputs.residual, options) else result.h.view(shape)
+    return result.y.view(shape), h, result, chosen
+
+
 def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str]) -> Tensors:
     inputs = _validate(x, residual, weight, bias)
     request = _custom_op.backend_request(backend)
     if _custom_op.is_plain_eager((x, residual, weight, bias)):
         rng = _custom_op.eager_rng(options.dropout_p)
-        y, h = _NormEager.apply(inputs, options, request, rng, x, residual, weight, bias)
+        if _custom_op.needs_grad(x, residual, weight, bias):
+            y, h = _NormEager.apply(inputs, options, request, rng, x, residual, weight, bias)
+        else:
+            y, h, _result, _chosen = _forward_eager(inputs, options, request, rng, x.shape)
         return (y, x if h is None else h) if options.prenorm else y
     y, h, _mean, _rstd, _state = _NORM.forward_op(
         inputs.x, inputs.residual, weight, bias,
