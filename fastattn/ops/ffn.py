@@ -153,7 +153,7 @@ class _FeedForwardEager(torch.autograd.Function):
         ctx.save_for_backward(inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2, z)
         ctx.chosen, ctx.options, ctx.rng, ctx.shape = chosen, options, rng, x.shape
         ctx.set_materialize_grads(False)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @once_differentiable
@@ -217,7 +217,7 @@ def feed_forward(
         if _custom_op.needs_grad(x, w1, b1, w2, b2):
             return _FeedForwardEager.apply(inputs, options, request, rng, x, w1, b1, w2, b2)
         (y, _z), _chosen = _custom_op.forward_on("ffn", inputs, options, request, rng)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     y, _z, _state = _FFN.forward_op(
         inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2,
         _custom_op.encode_options(options), request, _custom_op.draw_rng(options.dropout_p),

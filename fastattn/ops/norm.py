@@ -244,8 +244,8 @@ def _forward_eager(inputs: NormInputs, options: NormOptions, backend: Optional[s
     """The eager path's forward: y and h shaped like x (h None when it is x), the backend's
     result and the chosen backend."""
     result, chosen = _custom_op.forward_on("norm", inputs, options, backend, rng)
-    h = None if _h_is_x(inputs.x, inputs.residual, options) else result.h.view(shape)
-    return result.y.view(shape), h, result, chosen
+    h = None if _h_is_x(inputs.x, inputs.residual, options) else result.h.reshape(shape)
+    return result.y.reshape(shape), h, result, chosen
 
 
 def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str]) -> Tensors:
