@@ -292,8 +292,8 @@ class OpPair:
         forward_body, backward_body: the ops' implementations (annotated: the schema is
             inferred from them).
         setup_context: ``(ctx, inputs, output)`` as for ``register_autograd``.
-        backward_rule: ``(ctx, *grads) -> grads of the forward's inputs``; it calls the
-            backward op for the gradients.
+        backward_rule: ``(ctx, backward, *grads) -> grads of the forward's inputs``; it calls
+            ``backward`` (the backward op) for the gradients.
     """
 
     def __init__(
