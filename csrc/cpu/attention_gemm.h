@@ -36,22 +36,6 @@ struct Panels {
   int64_t row_stride = kPanelWidth;
 };
 
-// Packs src (rows x cols, row stride ld, any dtype) as panels of B = src.
-template <typename scalar_t>
-inline void pack_panels(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, float* dst,
-                        int64_t panel_stride) {
-  for (int64_t p = 0; p * kPanelWidth < cols; ++p) {
-    const int64_t c0 = p * kPanelWidth, width = std::min(kPanelWidth, cols - c0);
-    float* panel = dst + p * panel_stride;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* out = panel + r * kPanelWidth;
-      const scalar_t* in = src + r * ld + c0;
-      for (int64_t c = 0; c < width; ++c) out[c] = static_cast<float>(in[c]);
-      std::fill(out + width, out + kPanelWidth, 0.f);
-    }
-  }
-}
-
 // Row-major fp32 copy of src (rows x cols, row stride ld, any dtype) with row stride ldd >= cols,
 // zero past column cols: a compact A operand (no cache-set aliasing of wide strides) or a
 // row-major B (Panels{dst, kPanelWidth, ldd}).
@@ -62,6 +46,17 @@ inline void pack_rows(const scalar_t* src, int64_t rows, int64_t cols, int64_t l
     const scalar_t* in = src + r * ld;
     for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<float>(in[c]);
     std::fill(out + cols, out + ldd, 0.f);
+  }
+}
+
+// Packs src (rows x cols, row stride ld, any dtype) as panels of B = src: each panel is the
+// pack_rows copy of its kPanelWidth columns.
+template <typename scalar_t>
+inline void pack_panels(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, float* dst,
+                        int64_t panel_stride) {
+  for (int64_t p = 0; p * kPanelWidth < cols; ++p) {
+    const int64_t c0 = p * kPanelWidth;
+    pack_rows(src + c0, rows, std::min(kPanelWidth, cols - c0), ld, dst + p * panel_stride, kPanelWidth);
   }
 }
 

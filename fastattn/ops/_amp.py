@@ -32,9 +32,14 @@ def _autocast_device_type(device: torch.device) -> str:
     return device.type if device.type in ("cpu", "cuda") else "cpu"
 
 
-def autocast_enabled(device: torch.device) -> bool:
-    """Whether autocast is on for ``device``'s type (callers skip :func:`autocast_off` then)."""
-    return torch.is_autocast_enabled(_autocast_device_type(device))
+def call_without_autocast(device: torch.device, fn, *args):
+    """``fn(*args)`` with autocast off for ``device``; when autocast is off already (the common
+    case) a direct call, without entering a context (a few microseconds per op call)."""
+    device_type = _autocast_device_type(device)
+    if not torch.is_autocast_enabled(device_type):
+        return fn(*args)
+    with torch.autocast(device_type=device_type, enabled=False):
+        return fn(*args)
 
 
 def autocast_off(device: torch.device) -> Union[torch.autocast, contextlib.nullcontext]:

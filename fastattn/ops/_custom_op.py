@@ -45,7 +45,7 @@ import torch
 from torch.utils._device import DeviceContext
 
 from fastattn.backends import Backend, get_backend, registered_names, select
-from fastattn.ops._amp import autocast_enabled, autocast_off
+from fastattn.ops._amp import call_without_autocast
 from fastattn.options import RngState
 
 # --------------------------------------------------------------------------------------------
@@ -153,18 +153,12 @@ def forward_on(op: str, inputs, opts, backend: Optional[str], rng: Optional[RngS
     autocast off. Returns (result, chosen backend). Both paths' forward (the op body, the eager
     Function) run through here."""
     chosen = select(op, inputs, opts, backend or None)
-    if not autocast_enabled(inputs.device):  # the common case, without a context's cost
-        return chosen.forward(op, inputs, opts, rng), chosen
-    with autocast_off(inputs.device):
-        return chosen.forward(op, inputs, opts, rng), chosen
+    return call_without_autocast(inputs.device, chosen.forward, op, inputs, opts, rng), chosen
 
 
 def backward_on(chosen: Backend, op: str, inputs, opts, rng: Optional[RngState], *args):
     """``chosen.backward(op, *args, inputs, opts, rng)`` with autocast off (both paths)."""
-    if not autocast_enabled(inputs.device):
-        return chosen.backward(op, *args, inputs, opts, rng)
-    with autocast_off(inputs.device):
-        return chosen.backward(op, *args, inputs, opts, rng)
+    return call_without_autocast(inputs.device, chosen.backward, op, *args, inputs, opts, rng)
 
 
 def run_forward(op: str, inputs, options_type: type, options: str, backend: str, rng: Optional[torch.Tensor]):
@@ -291,6 +285,7 @@ class OpPair:
         forward_name, backward_name: the ops' qualified names ("fastattn::...").
         forward_body, backward_body: the ops' implementations (annotated: the schema is
             inferred from them).
+        forward_fake, backward_fake: the ops' ``register_fake`` functions (output shapes).
         setup_context: ``(ctx, inputs, output)`` as for ``register_autograd``.
         backward_rule: ``(ctx, backward, *grads) -> grads of the forward's inputs``; it calls
             ``backward`` (the backward op) for the gradients.
@@ -303,11 +298,15 @@ class OpPair:
         backward_name: str,
         backward_body: Callable,
         *,
+        forward_fake: Callable,
+        backward_fake: Callable,
         setup_context: Callable,
         backward_rule: Callable,
     ) -> None:
         self.forward_op = torch.library.custom_op(forward_name, _finalized(forward_body), mutates_args=())
         self.backward_op = torch.library.custom_op(backward_name, _finalized(backward_body), mutates_args=())
+        self.forward_op.register_fake(forward_fake)
+        self.backward_op.register_fake(backward_fake)
         self.backward_rule = backward_rule
         self.forward_op.register_autograd(self._backward_with_op, setup_context=setup_context)
 

@@ -303,10 +303,9 @@ def _attention_backward_rule(ctx, backward, dout, _dlse, _dstate):
 
 _ATTENTION = _custom_op.OpPair(
     "fastattn::flash_attn_forward", _attention_forward, "fastattn::flash_attn_backward", _attention_backward,
+    forward_fake=_attention_forward_fake, backward_fake=_attention_backward_fake,
     setup_context=_attention_setup_context, backward_rule=_attention_backward_rule,
 )
-_ATTENTION.forward_op.register_fake(_attention_forward_fake)
-_ATTENTION.backward_op.register_fake(_attention_backward_fake)
 
 
 class _AttentionEager(torch.autograd.Function):

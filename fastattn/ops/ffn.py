@@ -134,10 +134,9 @@ def _ffn_backward_rule(ctx, backward, dy, _dz, _dstate):
 
 _FFN = _custom_op.OpPair(
     "fastattn::ffn_forward", _ffn_forward, "fastattn::ffn_backward", _ffn_backward,
+    forward_fake=_ffn_forward_fake, backward_fake=_ffn_backward_fake,
     setup_context=_ffn_setup_context, backward_rule=_ffn_backward_rule,
 )
-_FFN.forward_op.register_fake(_ffn_forward_fake)
-_FFN.backward_op.register_fake(_ffn_backward_fake)
 
 
 class _FeedForwardEager(torch.autograd.Function):

@@ -194,10 +194,9 @@ def _norm_backward_rule(ctx, backward, dy, dh, _dmean, _drstd, _dstate):
 
 _NORM = _custom_op.OpPair(
     "fastattn::add_norm_forward", _norm_forward, "fastattn::add_norm_backward", _norm_backward,
+    forward_fake=_norm_forward_fake, backward_fake=_norm_backward_fake,
     setup_context=_norm_setup_context, backward_rule=_norm_backward_rule,
 )
-_NORM.forward_op.register_fake(_norm_forward_fake)
-_NORM.backward_op.register_fake(_norm_backward_fake)
 
 
 class _NormEager(torch.autograd.Function):
