@@ -271,6 +271,9 @@ def test_opcheck():
     bwd_args = (torch.randn_like(out), q, k, v, out, lse, kpm, mask, *tail)
     torch.library.opcheck(torch.ops.fastattn.cpu_attention_bwd.default, bwd_args)
     torch.library.opcheck(torch.ops.fastattn.cpu_attention_dropout_mask.default, (1, 2, 17, 19, 0.5, 7, 8))
+    # the eager path's C++ autograd node over the two (csrc/cpu/autograd.cpp)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.fastattn.cpu_attention_autograd.default, (*leaves, kpm, mask, *tail))
 
 
 def test_second_process_builds_nothing():

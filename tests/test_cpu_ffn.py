@@ -298,3 +298,7 @@ def test_opcheck(activation, save_z):
         torch.ops.fastattn.cpu_ffn_bwd.default,
         (torch.randn_like(y), z_arg, inputs.x, inputs.w1, None, inputs.w2, inputs.b2, activation, 0.25, 3, 7),
     )
+    # the eager path's C++ autograd node over the two (csrc/cpu/autograd.cpp), x with batch dims
+    x, w1, b1, w2, b2 = (t.detach().requires_grad_() for t in args)
+    torch.library.opcheck(torch.ops.fastattn.cpu_ffn_autograd.default,
+                          (x.view(3, 11, -1), w1, b1, w2, b2, activation, 0.25, 3, 7, save_z))

@@ -306,3 +306,7 @@ def test_opcheck(is_rms):
     bwd_args = (torch.randn_like(y), torch.randn_like(h), h, None if is_rms else mean, rstd, w, b, 0.25, 3, 7, is_rms,
                 torch.float32)
     torch.library.opcheck(torch.ops.fastattn.cpu_norm_bwd.default, bwd_args)
+    # the eager path's C++ autograd node over the two (csrc/cpu/autograd.cpp), x with batch dims
+    leaves = [t.detach().requires_grad_() for t in (x.view(1, 5, 40), res.view(1, 5, 40), w)]
+    leaves.append(None if b is None else b.detach().requires_grad_())
+    torch.library.opcheck(torch.ops.fastattn.cpu_norm_autograd.default, (*leaves, *fwd_args[4:]))

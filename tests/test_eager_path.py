@@ -24,6 +24,16 @@ CASES = [
 ]
 
 
+#: The autograd node each op's eager path records, per backend: the ops' Python Functions, or
+#: the cpu backend's C++ nodes (csrc/cpu/autograd.cpp).
+EAGER_NODES = {
+    "reference": {"_AttentionEagerBackward", "_NormEagerBackward", "_FeedForwardEagerBackward"},
+    "cpu": {f"torch::autograd::CppNode<fastattn_cpu::(anonymous namespace)::{node}>"
+            for node in ("AttentionNode", "NormNode", "FfnNode")},
+}
+_ALL_EAGER_NODES = set().union(*EAGER_NODES.values())
+
+
 class _Passthrough(TorchFunctionMode):
     """A torch-function mode that changes nothing but is not a device context: calls inside
     it take the custom ops."""
@@ -84,21 +94,20 @@ def _run(dtype, backend, mode=None):
     return outs, grads
 
 
-def _op_nodes(outs):
-    return {type(o.grad_fn).__name__ for o in outs} | {
-        type(fn).__name__ for o in outs for fn, _ in (o.grad_fn.next_functions if o.grad_fn else ())
-        if fn is not None
+def _eager_nodes(outs):
+    """The eager-path autograd nodes among the outputs' grad_fns and their inputs' grad_fns."""
+    names = {o.grad_fn.name() for o in outs if o.grad_fn} | {
+        fn.name() for o in outs for fn, _ in (o.grad_fn.next_functions if o.grad_fn else ()) if fn is not None
     }
+    return names & _ALL_EAGER_NODES
 
 
 @pytest.mark.parametrize(("backend", "dtype"), CASES)
 def test_eager_path_is_bit_identical_to_the_custom_ops(backend, dtype):
     eager_outs, eager_grads = _run(dtype, backend)
     op_outs, op_grads = _run(dtype, backend, mode=_Passthrough())
-    eager_nodes = {name for name in _op_nodes(eager_outs) if name.endswith("EagerBackward")}
-    assert eager_nodes == {"_AttentionEagerBackward", "_NormEagerBackward", "_FeedForwardEagerBackward"}
-    assert not any(name.endswith("EagerBackward") for name in _op_nodes(op_outs)), \
-        "the custom ops must run under a torch-function mode"
+    assert _eager_nodes(eager_outs) == EAGER_NODES[backend]
+    assert not _eager_nodes(op_outs), "the custom ops must run under a torch-function mode"
     for i, (e, o) in enumerate(zip(eager_outs, op_outs, strict=True)):
         assert torch.equal(e, o), f"output {i} differs"
     for name in eager_grads:
@@ -167,3 +176,18 @@ def test_eager_backward_is_not_differentiable_like_the_backward_op():
     (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         g.sum().backward()
+
+
+@pytest.mark.skipif("cpu" not in _AVAILABLE, reason="the cpu backend did not build")
+def test_cpu_nodes_are_not_differentiable_twice():
+    """The C++ nodes behave like @once_differentiable: first-order gradients under create_graph,
+    an error when those are differentiated."""
+    t = _inputs(torch.float32)
+    outs = _calls(t, "cpu")
+    loss = sum((o * o).sum() for o in outs)
+    leaves = [t["q"], t["x"], t["residual"], t["weight"], t["w1"]]
+    first = torch.autograd.grad(loss, leaves, create_graph=True)
+    for name, grad in zip(("q", "x", "residual", "weight", "w1"), first):
+        assert grad.requires_grad, name
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.sum().backward(retain_graph=True)

@@ -96,6 +96,13 @@ class Backend:
     def backward(self, op: str, *args):
         return self.op_module(op).backward(*args)
 
+    def eager_forward(self, op: str):
+        """The op module's optional ``eager_forward``: the forward of plain eager calls, which
+        records its own backward when autograd needs one (the cpu backend's C++ autograd
+        nodes), used instead of the op's Python ``autograd.Function``; None when the module has
+        none. It returns None for a call it does not take."""
+        return getattr(self.op_module(op), "eager_forward", None)
+
     def kvcache_forward(self, inputs, options):
         """One decoding step over a KV cache: the attention module's ``kvcache_forward(inputs:
         KVCacheInputs, options) -> (out (B, Lq, H, D), lse (B, H, Lq) fp32)``; served only by

@@ -77,7 +77,22 @@ def forward(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[Rn
         return attention_varlen.forward(inputs, options, _dropout_args(options, rng))
     ensure_loaded()
     return torch.ops.fastattn.cpu_attention_fwd(
-        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, *_op_args(inputs, options, rng)
+        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask,
+        *_op_args(inputs, options, rng),
+    )
+
+
+def eager_forward(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[RngState]):
+    """Plain eager calls: (out, lse) as :func:`forward` returns them, recorded (when autograd
+    needs it) as one C++ autograd node (``cpu_attention_autograd``, csrc/cpu/autograd.cpp) over
+    the same kernels as :func:`forward` / :func:`backward`; lse is not differentiable. None for
+    varlen calls (the op's Python autograd.Function takes them)."""
+    if inputs.is_varlen:
+        return None
+    ensure_loaded()
+    return torch.ops.fastattn.cpu_attention_autograd(
+        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask,
+        *_op_args(inputs, options, rng),
     )
 
 

@@ -61,6 +61,20 @@ def forward(inputs: FeedForwardInputs, options: FeedForwardOptions, rng: Optiona
     return y, (None if options.recompute else z)
 
 
+def eager_forward(x: torch.Tensor, inputs: FeedForwardInputs, options: FeedForwardOptions,
+                  rng: Optional[RngState]) -> torch.Tensor:
+    """Plain eager calls: y (..., d_out) for x (..., d_model) as the caller passed it
+    (flattened below autograd), recorded (when autograd needs it) as one C++ autograd node
+    (``cpu_ffn_autograd``, csrc/cpu/autograd.cpp) over the same kernels as :func:`forward` /
+    :func:`backward`."""
+    ensure_loaded()
+    seed, offset = _rng_args(options, rng)
+    return torch.ops.fastattn.cpu_ffn_autograd(
+        x, inputs.w1, inputs.b1, inputs.w2, inputs.b2, options.activation, options.dropout_p,
+        seed, offset, not options.recompute,
+    )
+
+
 def backward(
     dy: torch.Tensor,
     z: Optional[torch.Tensor],

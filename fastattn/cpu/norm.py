@@ -28,7 +28,7 @@ from fastattn.cpu.dropout_masks import norm_keep_mask
 # The cpu ops take the CUDA ops' schemas (csrc/ops.cpp) and dtypes: same argument plumbing,
 # same fake tensors, same per-tensor dtype reasons.
 from fastattn.cuda.norm import (  # noqa: F401  (same op schema as the CUDA norm)
-    _dropout_args, _norm_bwd_fake, _norm_fwd_fake, not_supported_reasons, run_forward,
+    _dropout_args, _norm_bwd_fake, _norm_fwd_fake, _stores_h, not_supported_reasons, run_forward,
 )
 from fastattn.options import (
     NormForwardResult,
@@ -36,6 +36,7 @@ from fastattn.options import (
     NormInputs,
     NormOptions,
     RngState,
+    residual_out_dtype,
 )
 
 CAPABILITIES = NormCapabilities(dtypes=GPU_DTYPES)
@@ -53,6 +54,22 @@ def dropout_mask(inputs: NormInputs, options: NormOptions, rng: Optional[RngStat
 def forward(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]) -> NormForwardResult:
     ensure_loaded()
     return run_forward(torch.ops.fastattn.cpu_norm_fwd, inputs, options, rng)
+
+
+def eager_forward(x, residual, weight, bias, inputs: NormInputs, options: NormOptions,
+                  rng: Optional[RngState]):
+    """Plain eager calls: (y, h) shaped like x (h None when it is x), recorded (when autograd
+    needs it) as one C++ autograd node (``cpu_norm_autograd``, csrc/cpu/autograd.cpp) over the
+    same kernels as :func:`forward` / :func:`backward`. x and residual (..., N) as the caller
+    passed them (flattened below autograd), ``inputs`` their validated (M, N) form."""
+    ensure_loaded()
+    p, seed, offset = _dropout_args(options, rng)
+    h_dtype = residual_out_dtype(inputs, options)
+    store_h = _stores_h(inputs, options, h_dtype)
+    y, h = torch.ops.fastattn.cpu_norm_autograd(
+        x, residual, weight, bias, options.eps, p, seed, offset, options.kind == "rms", store_h, h_dtype,
+    )
+    return y, (h if store_h else None)
 
 
 def backward(

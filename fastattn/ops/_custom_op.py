@@ -27,10 +27,12 @@ call, forward and backward, with no graph break. A schema carries only tensors a
 Plain eager calls skip the custom ops (:func:`is_plain_eager`): the round trips through a
 custom op, its registered autograd and the schema plumbing (options string, call-state tensor,
 placeholders) cost more than a small kernel on a CPU. Each op has a ``torch.autograd.Function``
-for them that makes the same backend calls (:func:`forward_on`, :func:`backward_on`) with the
-decoded options and chosen backend kept on ctx; whatever traces (torch.compile, torch.export,
-fake / functional tensors, tensor subclasses, functorch transforms, ``torch.jit.trace``) still
-sees the custom ops.
+for them that makes the same backend calls (:func:`run_on`, :func:`backward_on`) with the
+decoded options and chosen backend kept on ctx; a backend whose op module has an
+``eager_forward`` (the cpu backend: one C++ autograd node per call, csrc/cpu/autograd.cpp)
+takes the eager call itself (:func:`eager_forward`). Whatever traces (torch.compile,
+torch.export, fake / functional tensors, tensor subclasses, functorch transforms,
+``torch.jit.trace``) still sees the custom ops.
 """
 
 from __future__ import annotations
@@ -153,7 +155,22 @@ def forward_on(op: str, inputs, opts, backend: Optional[str], rng: Optional[RngS
     autocast off. Returns (result, chosen backend). Both paths' forward (the op body, the eager
     Function) run through here."""
     chosen = select(op, inputs, opts, backend or None)
-    return call_without_autocast(inputs.device, chosen.forward, op, inputs, opts, rng), chosen
+    return run_on(chosen, op, inputs, opts, rng), chosen
+
+
+def run_on(chosen: Backend, op: str, inputs, opts, rng: Optional[RngState]):
+    """``chosen.forward(op, inputs, opts, rng)`` with autocast off."""
+    return call_without_autocast(inputs.device, chosen.forward, op, inputs, opts, rng)
+
+
+def eager_forward(op: str, inputs, opts, backend: str, rng: Optional[RngState], *args):
+    """A plain eager call on the chosen backend's own ``eager_forward(*args, inputs, opts, rng)``
+    (see Backend.eager_forward: its autograd node, if any, is recorded below Python) when it
+    takes the call. Returns (its result or None, the chosen backend); on None the caller runs
+    the chosen backend's forward itself, through its autograd.Function when grads are needed."""
+    chosen = select(op, inputs, opts, backend or None)
+    native = chosen.eager_forward(op)
+    return (None if native is None else native(*args, inputs, opts, rng)), chosen
 
 
 def backward_on(chosen: Backend, op: str, inputs, opts, rng: Optional[RngState], *args):

@@ -310,13 +310,13 @@ _ATTENTION = _custom_op.OpPair(
 
 class _AttentionEager(torch.autograd.Function):
     """Plain eager calls: the forward op's body and backward rule without the schema plumbing
-    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, backend, rng, q, k, v)``: q, k, v
-    are the inputs' own, passed again so that autograd records them. Like the backward op, the
-    backward is not differentiable."""
+    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, chosen, rng, q, k, v)``:
+    ``chosen`` the selected backend; q, k, v are the inputs' own, passed again so that autograd
+    records them. Like the backward op, the backward is not differentiable."""
 
     @staticmethod
-    def forward(ctx, inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str], rng, q, k, v):
-        (out, lse), chosen = _custom_op.forward_on("attention", inputs, options, backend, rng)
+    def forward(ctx, inputs: AttentionInputs, options: AttentionOptions, chosen, rng, q, k, v):
+        out, lse = _custom_op.run_on(chosen, "attention", inputs, options, rng)
         ctx.save_for_backward(*inputs.tensors(), out, lse)
         ctx.chosen, ctx.options, ctx.rng = chosen, options, rng
         ctx.max_seqlens = (inputs.max_seqlen_q, inputs.max_seqlen_k)
@@ -352,10 +352,12 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
     request = _custom_op.backend_request(backend)
     if _custom_op.is_plain_eager(tensors):
         rng = _custom_op.eager_rng(options.dropout_p)
+        outputs, chosen = _custom_op.eager_forward("attention", inputs, options, request, rng)
+        if outputs is not None:
+            return outputs
         if _custom_op.needs_grad(inputs.q, inputs.k, inputs.v):
-            return _AttentionEager.apply(inputs, options, request, rng, inputs.q, inputs.k, inputs.v)
-        (out, lse), _chosen = _custom_op.forward_on("attention", inputs, options, request, rng)
-        return out, lse
+            return _AttentionEager.apply(inputs, options, chosen, rng, inputs.q, inputs.k, inputs.v)
+        return _custom_op.run_on(chosen, "attention", inputs, options, rng)
     out, lse, _state = _ATTENTION.forward_op(
         *tensors, inputs.max_seqlen_q, inputs.max_seqlen_k,
         _custom_op.encode_options(options), request, _custom_op.draw_rng(options.dropout_p),

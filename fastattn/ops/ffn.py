@@ -141,14 +141,14 @@ _FFN = _custom_op.OpPair(
 
 class _FeedForwardEager(torch.autograd.Function):
     """Plain eager calls: the forward op's body and backward rule without the schema plumbing
-    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, backend, rng, x, w1, b1, w2,
-    b2)`` with x (..., d_model) as the caller passed it (flattened inside, where autograd
-    records no view); returns y (..., d_out). The backward is not differentiable."""
+    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, chosen, rng, x, w1, b1, w2,
+    b2)`` with ``chosen`` the selected backend and x (..., d_model) as the caller passed it
+    (flattened inside, where autograd records no view); returns y (..., d_out). The backward is
+    not differentiable."""
 
     @staticmethod
-    def forward(ctx, inputs: FeedForwardInputs, options: FeedForwardOptions, backend: Optional[str], rng,
-                x, w1, b1, w2, b2):
-        (y, z), chosen = _custom_op.forward_on("ffn", inputs, options, backend, rng)
+    def forward(ctx, inputs: FeedForwardInputs, options: FeedForwardOptions, chosen, rng, x, w1, b1, w2, b2):
+        y, z = _custom_op.run_on(chosen, "ffn", inputs, options, rng)
         ctx.save_for_backward(inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2, z)
         ctx.chosen, ctx.options, ctx.rng, ctx.shape = chosen, options, rng, x.shape
         ctx.set_materialize_grads(False)
@@ -213,9 +213,12 @@ def feed_forward(
     request = _custom_op.backend_request(backend)
     if _custom_op.is_plain_eager((x, w1, b1, w2, b2)):
         rng = _custom_op.eager_rng(options.dropout_p)
+        y, chosen = _custom_op.eager_forward("ffn", inputs, options, request, rng, x)
+        if y is not None:
+            return y
         if _custom_op.needs_grad(x, w1, b1, w2, b2):
-            return _FeedForwardEager.apply(inputs, options, request, rng, x, w1, b1, w2, b2)
-        (y, _z), _chosen = _custom_op.forward_on("ffn", inputs, options, request, rng)
+            return _FeedForwardEager.apply(inputs, options, chosen, rng, x, w1, b1, w2, b2)
+        y, _z = _custom_op.run_on(chosen, "ffn", inputs, options, rng)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     y, _z, _state = _FFN.forward_op(
         inputs.x, inputs.w1, inputs.b1, inputs.w2, inputs.b2,

@@ -201,14 +201,15 @@ _NORM = _custom_op.OpPair(
 
 class _NormEager(torch.autograd.Function):
     """Plain eager calls: the forward op's body and backward rule without the schema plumbing
-    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, backend, rng, x, residual,
+    (see fastattn/ops/_custom_op.py). ``apply(inputs, options, chosen, rng, x, residual,
     weight, bias)`` with x and residual (..., N) as the caller passed them (flattened inside,
-    where autograd records no view); returns y (..., N) and h (..., N), or None when h is x.
-    The backward is not differentiable (like the backward op)."""
+    where autograd records no view) and ``chosen`` the selected backend; returns y (..., N) and
+    h (..., N), or None when h is x. The backward is not differentiable (like the backward op)."""
 
     @staticmethod
-    def forward(ctx, inputs: NormInputs, options: NormOptions, backend: Optional[str], rng, x, residual, weight, bias):
-        y, h, result, chosen = _forward_eager(inputs, options, backend, rng, x.shape)
+    def forward(ctx, inputs: NormInputs, options: NormOptions, chosen, rng, x, residual, weight, bias):
+        result = _custom_op.run_on(chosen, "norm", inputs, options, rng)
+        y, h = _shaped(result, inputs, options, x.shape)
         ctx.save_for_backward(inputs.x if h is None else result.h, weight, bias, result.mean, result.rstd)
         ctx.chosen, ctx.options, ctx.rng, ctx.shape = chosen, options, rng, x.shape
         ctx.x_dtype = x.dtype
@@ -239,12 +240,10 @@ class _NormEager(torch.autograd.Function):
                 None if weight is None else grads.dweight, None if bias is None else grads.dbias)
 
 
-def _forward_eager(inputs: NormInputs, options: NormOptions, backend: Optional[str], rng, shape):
-    """The eager path's forward: y and h shaped like x (h None when it is x), the backend's
-    result and the chosen backend."""
-    result, chosen = _custom_op.forward_on("norm", inputs, options, backend, rng)
+def _shaped(result, inputs: NormInputs, options: NormOptions, shape):
+    """A backend's (M, N) result as y and h shaped like x (h None when it is x)."""
     h = None if _h_is_x(inputs.x, inputs.residual, options) else result.h.reshape(shape)
-    return result.y.reshape(shape), h, result, chosen
+    return result.y.reshape(shape), h
 
 
 def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str]) -> Tensors:
@@ -252,10 +251,14 @@ def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str
     request = _custom_op.backend_request(backend)
     if _custom_op.is_plain_eager((x, residual, weight, bias)):
         rng = _custom_op.eager_rng(options.dropout_p)
-        if _custom_op.needs_grad(x, residual, weight, bias):
-            y, h = _NormEager.apply(inputs, options, request, rng, x, residual, weight, bias)
+        outputs, chosen = _custom_op.eager_forward(
+            "norm", inputs, options, request, rng, x, residual, weight, bias)
+        if outputs is not None:
+            y, h = outputs
+        elif _custom_op.needs_grad(x, residual, weight, bias):
+            y, h = _NormEager.apply(inputs, options, chosen, rng, x, residual, weight, bias)
         else:
-            y, h, _result, _chosen = _forward_eager(inputs, options, request, rng, x.shape)
+            y, h = _shaped(_custom_op.run_on(chosen, "norm", inputs, options, rng), inputs, options, x.shape)
         return (y, x if h is None else h) if options.prenorm else y
     y, h, _mean, _rstd, _state = _NORM.forward_op(
         inputs.x, inputs.residual, weight, bias,
