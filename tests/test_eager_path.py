@@ -191,3 +191,71 @@ def test_cpu_nodes_are_not_differentiable_twice():
         assert grad.requires_grad, name
         with pytest.raises(RuntimeError, match="once_differentiable"):
             grad.sum().backward(retain_graph=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Eager plans: a repeated call skips validation and selection, and nothing else
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif("cpu" not in _AVAILABLE, reason="the cpu backend did not build")
+def test_repeated_calls_take_the_plan_with_the_same_results(monkeypatch):
+    from fastattn.ops import attention, ffn, norm
+
+    t = _inputs(torch.float32)
+    torch.manual_seed(11)
+    first = _calls(t, None)
+    validated = []
+    for module, name in ((attention, "_validate_flash"), (norm, "_validate"), (ffn, "_validate")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: validated.append(_n) or _f(*a, **k))
+    torch.manual_seed(11)
+    again = _calls(t, None)
+    assert validated == [], "flash_attention, add_layer_norm, rms_norm and feed_forward repeat a planned call"
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.skipif("cpu" not in _AVAILABLE, reason="the cpu backend did not build")
+@pytest.mark.parametrize("bad", ["prenorm", "window", "alibi_grad", "dropout", "kpm_dtype"])
+def test_a_plan_never_admits_an_argument_validation_rejects(bad):
+    """Each bad call equals a good, planned one in value (True == 1, -1.0 == -1) or in shape
+    and dtype: the plan's key tells them apart, and validation raises."""
+    x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    q = torch.randn(2, 5, 4, 8, requires_grad=True)
+    kpm = torch.ones(2, 5, dtype=torch.bool)
+    slopes = torch.rand(4)
+    for _ in range(2):  # the second call runs on the plan
+        fastattn.add_layer_norm(x, r, prenorm=True)
+        fastattn.flash_attention(q, q, q, key_padding_mask=kpm, alibi_slopes=slopes, window_size=(-1, -1))
+    if bad == "prenorm":
+        with pytest.raises(TypeError, match="prenorm"):
+            fastattn.add_layer_norm(x, r, prenorm=1)
+    elif bad == "window":
+        with pytest.raises(TypeError, match=r"window_size\[0\]"):
+            fastattn.flash_attention(q, q, q, key_padding_mask=kpm, alibi_slopes=slopes, window_size=(-1.0, -1))
+    elif bad == "alibi_grad":
+        with pytest.raises(ValueError, match="alibi_slopes must not require grad"):
+            fastattn.flash_attention(q, q, q, key_padding_mask=kpm, alibi_slopes=slopes.clone().requires_grad_(),
+                                     window_size=(-1, -1))
+    elif bad == "dropout":
+        with pytest.raises(ValueError, match="dropout_p"):
+            fastattn.add_layer_norm(x, r, prenorm=True, dropout_p=1.5)
+    else:
+        with pytest.raises(TypeError, match="key_padding_mask"):
+            fastattn.flash_attention(q, q, q, key_padding_mask=kpm.float(), alibi_slopes=slopes,
+                                     window_size=(-1, -1))
+
+
+@pytest.mark.skipif("cpu" not in _AVAILABLE, reason="the cpu backend did not build")
+def test_a_plan_follows_the_backend_request_and_autocast(monkeypatch):
+    q = torch.randn(2, 5, 4, 8, requires_grad=True)
+    x = torch.randn(3, 16, requires_grad=True)
+    for _ in range(2):
+        assert "AttentionNode" in fastattn.flash_attention(q, q, q).grad_fn.name()
+        assert "NormNode" in fastattn.add_layer_norm(x).grad_fn.name()
+    with fastattn.use_backend("reference"):
+        assert fastattn.flash_attention(q, q, q).grad_fn.name() == "_AttentionEagerBackward"
+    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
+    assert fastattn.add_layer_norm(x).grad_fn.name() == "_NormEagerBackward"
+    monkeypatch.delenv("FASTATTN_BACKEND")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fastattn.flash_attention(q, q, q).dtype == torch.bfloat16
+    assert "AttentionNode" in fastattn.flash_attention(q, q, q).grad_fn.name()

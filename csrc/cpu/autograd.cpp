@@ -9,7 +9,7 @@
 // back into Python, the reshapes recorded as views). Here one Python call records the node
 // (or, without grad, only runs the forward), the reshapes happen below autograd, and the
 // backward runs without Python. Every plain eager call on the cpu backend comes here
-// (fastattn/cpu/<op>.py eager_forward, from fastattn/ops/_custom_op.py) after the Python layer
+// (fastattn/cpu/<op>.py eager_plan, from fastattn/ops/_custom_op.py) after the Python layer
 // has validated the inputs and selected the backend; anything that traces sees the custom ops
 // and their register_autograd rules instead. The arguments are the kernels' (same scalars, same
 // meaning); the results are bit-identical to the custom ops' (tests/test_eager_path.py).

@@ -96,12 +96,13 @@ class Backend:
     def backward(self, op: str, *args):
         return self.op_module(op).backward(*args)
 
-    def eager_forward(self, op: str):
-        """The op module's optional ``eager_forward``: the forward of plain eager calls, which
-        records its own backward when autograd needs one (the cpu backend's C++ autograd
-        nodes), used instead of the op's Python ``autograd.Function``; None when the module has
-        none. It returns None for a call it does not take."""
-        return getattr(self.op_module(op), "eager_forward", None)
+    def eager_plan(self, op: str, inputs, options):
+        """The plain eager call prepared for inputs like these by the op module's optional
+        ``eager_plan(inputs, options)``: a callable that records its own backward when autograd
+        needs one (the cpu backend's C++ autograd nodes), used instead of the op's Python
+        ``autograd.Function``; None when the module has none or does not take such calls."""
+        make = getattr(self.op_module(op), "eager_plan", None)
+        return None if make is None else make(inputs, options)
 
     def kvcache_forward(self, inputs, options):
         """One decoding step over a KV cache: the attention module's ``kvcache_forward(inputs:
@@ -242,9 +243,36 @@ _SELECTIONS: dict = {}
 _MEMO_SIZE = 1024
 
 
+def find_plan(key: Optional[tuple]):
+    """The eager plan remembered under ``key`` (fastattn/ops/_custom_op.py: a public call's
+    arguments, validated and served before), or None."""
+    if key is None:
+        return None
+    try:
+        return _PLANS.get(key)
+    except TypeError:  # an unhashable argument (a list): such calls are not remembered
+        return None
+
+
+def remember_plan(key: Optional[tuple], plan) -> None:
+    if key is None:
+        return
+    if len(_PLANS) >= _MEMO_SIZE:
+        _PLANS.clear()
+    try:
+        _PLANS[key] = plan
+    except TypeError:
+        pass
+
+
+#: Eager plans: a public call's key -> the chosen backend's prepared call; cleared when full.
+_PLANS: dict = {}
+
+
 def forget_selections() -> None:
-    """Clears :func:`select`'s memo."""
+    """Clears :func:`select`'s memo and the eager plans made from its choices."""
     _SELECTIONS.clear()
+    _PLANS.clear()
 
 
 def _select(op: str, inputs, options, name: Optional[str]) -> Backend:

@@ -53,21 +53,22 @@ def _dropout_args(options: AttentionOptions, rng: Optional[RngState]) -> tuple[f
     return options.dropout_p, rng.seed, rng.offset
 
 
-def _op_args(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[RngState]) -> tuple:
-    """The scalar tail shared by both ops' schemas (after the tensors)."""
-    p, seed, offset = _dropout_args(options, rng)
+def _scalar_args(inputs: AttentionInputs, options: AttentionOptions) -> tuple:
+    """softmax_scale, softcap, causal, shift, window_left, window_right: the scalars both ops'
+    schemas take after the tensors and before dropout's."""
     return (
-        inputs.alibi_slopes,
         options.softmax_scale,
         float(options.softcap),
         options.causal,
         _shift(inputs, options),
         int(options.window_left),
         int(options.window_right),
-        p,
-        seed,
-        offset,
     )
+
+
+def _op_args(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[RngState]) -> tuple:
+    """The tail shared by both ops' schemas (after q, k, v, key_padding_mask, attn_mask)."""
+    return (inputs.alibi_slopes, *_scalar_args(inputs, options), *_dropout_args(options, rng))
 
 
 def forward(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[RngState]):
@@ -82,18 +83,23 @@ def forward(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[Rn
     )
 
 
-def eager_forward(inputs: AttentionInputs, options: AttentionOptions, rng: Optional[RngState]):
-    """Plain eager calls: (out, lse) as :func:`forward` returns them, recorded (when autograd
-    needs it) as one C++ autograd node (``cpu_attention_autograd``, csrc/cpu/autograd.cpp) over
-    the same kernels as :func:`forward` / :func:`backward`; lse is not differentiable. None for
-    varlen calls (the op's Python autograd.Function takes them)."""
+def eager_plan(inputs: AttentionInputs, options: AttentionOptions):
+    """The plain eager call for inputs like these: ``run(q, k, v, key_padding_mask, attn_mask,
+    alibi_slopes, rng) -> (out, lse)`` as :func:`forward` returns them, which records (when
+    autograd needs it) one C++ autograd node (``cpu_attention_autograd``,
+    csrc/cpu/autograd.cpp) over the same kernels as :func:`forward` / :func:`backward`; lse is
+    not differentiable. None for varlen calls (the op's Python autograd.Function takes them)."""
     if inputs.is_varlen:
         return None
     ensure_loaded()
-    return torch.ops.fastattn.cpu_attention_autograd(
-        inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask,
-        *_op_args(inputs, options, rng),
-    )
+    op = torch.ops.fastattn.cpu_attention_autograd.default
+    scalars, p = _scalar_args(inputs, options), options.dropout_p
+
+    def run(q, k, v, key_padding_mask, attn_mask, alibi_slopes, rng: Optional[RngState]):
+        seed, offset = (0, 0) if rng is None else (rng.seed, rng.offset)
+        return op(q, k, v, key_padding_mask, attn_mask, alibi_slopes, *scalars, p, seed, offset)
+
+    return run
 
 
 def backward(

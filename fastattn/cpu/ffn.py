@@ -61,18 +61,20 @@ def forward(inputs: FeedForwardInputs, options: FeedForwardOptions, rng: Optiona
     return y, (None if options.recompute else z)
 
 
-def eager_forward(x: torch.Tensor, inputs: FeedForwardInputs, options: FeedForwardOptions,
-                  rng: Optional[RngState]) -> torch.Tensor:
-    """Plain eager calls: y (..., d_out) for x (..., d_model) as the caller passed it
-    (flattened below autograd), recorded (when autograd needs it) as one C++ autograd node
-    (``cpu_ffn_autograd``, csrc/cpu/autograd.cpp) over the same kernels as :func:`forward` /
-    :func:`backward`."""
+def eager_plan(inputs: FeedForwardInputs, options: FeedForwardOptions):
+    """The plain eager call for inputs like these: ``run(x, w1, b1, w2, b2, rng) -> y (...,
+    d_out)`` for x (..., d_model) as the caller passed it (flattened below autograd), which
+    records (when autograd needs it) one C++ autograd node (``cpu_ffn_autograd``,
+    csrc/cpu/autograd.cpp) over the same kernels as :func:`forward` / :func:`backward`."""
     ensure_loaded()
-    seed, offset = _rng_args(options, rng)
-    return torch.ops.fastattn.cpu_ffn_autograd(
-        x, inputs.w1, inputs.b1, inputs.w2, inputs.b2, options.activation, options.dropout_p,
-        seed, offset, not options.recompute,
-    )
+    op = torch.ops.fastattn.cpu_ffn_autograd.default
+    activation, p, save_z = options.activation, options.dropout_p, not options.recompute
+
+    def run(x, w1, b1, w2, b2, rng: Optional[RngState]):
+        seed, offset = (0, 0) if rng is None else (rng.seed, rng.offset)
+        return op(x, w1, b1, w2, b2, activation, p, seed, offset, save_z)
+
+    return run
 
 
 def backward(

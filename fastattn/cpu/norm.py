@@ -56,20 +56,24 @@ def forward(inputs: NormInputs, options: NormOptions, rng: Optional[RngState]) -
     return run_forward(torch.ops.fastattn.cpu_norm_fwd, inputs, options, rng)
 
 
-def eager_forward(x, residual, weight, bias, inputs: NormInputs, options: NormOptions,
-                  rng: Optional[RngState]):
-    """Plain eager calls: (y, h) shaped like x (h None when it is x), recorded (when autograd
-    needs it) as one C++ autograd node (``cpu_norm_autograd``, csrc/cpu/autograd.cpp) over the
-    same kernels as :func:`forward` / :func:`backward`. x and residual (..., N) as the caller
-    passed them (flattened below autograd), ``inputs`` their validated (M, N) form."""
+def eager_plan(inputs: NormInputs, options: NormOptions):
+    """The plain eager call for inputs like these: ``run(x, residual, weight, bias, rng) -> (y,
+    h)`` shaped like x (h None when it is x), which records (when autograd needs it) one C++
+    autograd node (``cpu_norm_autograd``, csrc/cpu/autograd.cpp) over the same kernels as
+    :func:`forward` / :func:`backward`. x and residual (..., N) as the caller passed them
+    (flattened below autograd); ``inputs``: a validated call of the same signature."""
     ensure_loaded()
-    p, seed, offset = _dropout_args(options, rng)
+    op = torch.ops.fastattn.cpu_norm_autograd.default
     h_dtype = residual_out_dtype(inputs, options)
     store_h = _stores_h(inputs, options, h_dtype)
-    y, h = torch.ops.fastattn.cpu_norm_autograd(
-        x, residual, weight, bias, options.eps, p, seed, offset, options.kind == "rms", store_h, h_dtype,
-    )
-    return y, (h if store_h else None)
+    eps, p, is_rms = options.eps, options.dropout_p, options.kind == "rms"
+
+    def run(x, residual, weight, bias, rng: Optional[RngState]):
+        seed, offset = (0, 0) if rng is None else (rng.seed, rng.offset)
+        y, h = op(x, residual, weight, bias, eps, p, seed, offset, is_rms, store_h, h_dtype)
+        return y, (h if store_h else None)
+
+    return run
 
 
 def backward(

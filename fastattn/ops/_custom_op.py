@@ -29,10 +29,16 @@ custom op, its registered autograd and the schema plumbing (options string, call
 placeholders) cost more than a small kernel on a CPU. Each op has a ``torch.autograd.Function``
 for them that makes the same backend calls (:func:`run_on`, :func:`backward_on`) with the
 decoded options and chosen backend kept on ctx; a backend whose op module has an
-``eager_forward`` (the cpu backend: one C++ autograd node per call, csrc/cpu/autograd.cpp)
+``eager_plan`` (the cpu backend: one C++ autograd node per call, csrc/cpu/autograd.cpp)
 takes the eager call itself (:func:`eager_forward`). Whatever traces (torch.compile,
 torch.export, fake / functional tensors, tensor subclasses, functorch transforms,
 ``torch.jit.trace``) still sees the custom ops.
+
+Eager plans: a backend's eager call, prepared once for a call signature, is remembered under a
+key of everything validation and selection read (:func:`plan_key`); a public function whose
+key has a plan calls it directly (a model repeats a few signatures, and on a CPU the Python
+checks cost as much as a small kernel). ``backends.forget_selections`` forgets the plans with
+the selections.
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils._device import DeviceContext
 
-from fastattn.backends import Backend, get_backend, registered_names, select
+from fastattn.backends import (  # noqa: F401  (find_plan: for the ops)
+    Backend, find_plan, get_backend, registered_names, remember_plan, requested_backend, select,
+    triton_interpret_enabled,
+)
 from fastattn.ops._amp import call_without_autocast
 from fastattn.options import RngState
 
@@ -163,14 +172,45 @@ def run_on(chosen: Backend, op: str, inputs, opts, rng: Optional[RngState]):
     return call_without_autocast(inputs.device, chosen.forward, op, inputs, opts, rng)
 
 
-def eager_forward(op: str, inputs, opts, backend: str, rng: Optional[RngState], *args):
-    """A plain eager call on the chosen backend's own ``eager_forward(*args, inputs, opts, rng)``
-    (see Backend.eager_forward: its autograd node, if any, is recorded below Python) when it
-    takes the call. Returns (its result or None, the chosen backend); on None the caller runs
-    the chosen backend's forward itself, through its autograd.Function when grads are needed."""
+def eager_forward(op: str, inputs, opts, backend: str, rng: Optional[RngState], key: Optional[tuple], *args):
+    """A plain eager call on the chosen backend's eager plan (Backend.eager_plan: its autograd
+    node, if any, is recorded below Python), remembered under ``key`` (:func:`plan_key`, or
+    None when the plan cannot take the caller's own arguments) for the next call like it.
+    Returns (the plan's result or None, the chosen backend); on None the caller runs the
+    chosen backend's forward itself, through its autograd.Function when grads are needed."""
     chosen = select(op, inputs, opts, backend or None)
-    native = chosen.eager_forward(op)
-    return (None if native is None else native(*args, inputs, opts, rng)), chosen
+    plan = chosen.eager_plan(op, inputs, opts)
+    if plan is None:
+        return None, chosen
+    remember_plan(key, plan)
+    return plan(*args, rng), chosen
+
+
+def plan_key(op: str, scalars: tuple, tensors: tuple) -> Optional[tuple]:
+    """The key of a public call's eager plan: everything validation and selection read of it,
+    i.e. the op, its scalar arguments and their types, each tensor argument's class, dtype,
+    device, shape, strides and requires_grad, the backend request in force (``use_backend``,
+    FASTATTN_BACKEND) and TRITON_INTERPRET. A call whose key has a plan (:func:`find_plan`)
+    passed validation and selection before, with the same outcome, and skips both. None when
+    an argument makes no key (not a tensor, no strides): that call takes the full path, which
+    names the problem."""
+    if torch.compiler.is_compiling():  # traced calls take the custom ops
+        return None
+    try:
+        return (op, scalars, tuple(map(_type_key, scalars)), tuple(map(_tensor_key, tensors)),
+                requested_backend(), triton_interpret_enabled())
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+        return None
+
+
+def _type_key(value) -> object:
+    """A scalar's type; a tuple's element types (window_size=(-1.0, -1) is rejected where
+    (-1, -1), equal to it, is not)."""
+    return tuple(map(type, value)) if type(value) is tuple else type(value)
+
+
+def _tensor_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if t is None else (type(t), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
 
 
 def backward_on(chosen: Backend, op: str, inputs, opts, rng: Optional[RngState], *args):

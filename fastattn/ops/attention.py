@@ -337,7 +337,9 @@ class _AttentionEager(torch.autograd.Function):
         return None, None, None, None, dq, dk, dv
 
 
-def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str]):
+def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str], key: Optional[tuple] = None):
+    """``key``: the caller's :func:`_custom_op.plan_key`, when an eager plan may take its own
+    arguments (q, k, v, key_padding_mask, alibi_slopes as passed) on later calls."""
     amp = autocast_dtype(inputs.device)
     if amp is not None and inputs.dtype != amp:
         mask = inputs.attn_mask
@@ -352,7 +354,8 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
     request = _custom_op.backend_request(backend)
     if _custom_op.is_plain_eager(tensors):
         rng = _custom_op.eager_rng(options.dropout_p)
-        outputs, chosen = _custom_op.eager_forward("attention", inputs, options, request, rng)
+        outputs, chosen = _custom_op.eager_forward(
+            "attention", inputs, options, request, rng, key if amp is None else None, *_plan_args(inputs))
         if outputs is not None:
             return outputs
         if _custom_op.needs_grad(inputs.q, inputs.k, inputs.v):
@@ -363,6 +366,11 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
         _custom_op.encode_options(options), request, _custom_op.draw_rng(options.dropout_p),
     )
     return out, lse
+
+
+def _plan_args(inputs: AttentionInputs) -> tuple:
+    """The tensors an eager plan takes: q, k, v, key_padding_mask, attn_mask, alibi_slopes."""
+    return inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.attn_mask, inputs.alibi_slopes
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,12 +422,24 @@ def flash_attention(
         lse: (batch, nheads, seqlen_q) float32, natural log. A query row that sees no key gets
         output 0 and lse -inf (never NaN), and passes no gradient.
     """
+    tensors = (q, k, v, key_padding_mask, alibi_slopes)
+    key = _custom_op.plan_key(
+        "flash_attention",
+        (causal, softmax_scale, dropout_p, window_size, softcap, return_lse, deterministic, backend,
+         autocast_dtype(q.device) if isinstance(q, torch.Tensor) else None),
+        tensors,
+    )
+    plan = _custom_op.find_plan(key)
+    if plan is not None and _custom_op.is_plain_eager(tensors):  # validated and selected before
+        out, lse = plan(q, k, v, key_padding_mask, None, alibi_slopes, _custom_op.eager_rng(dropout_p))
+        return (out, lse) if return_lse else out
     inputs = _validate_flash(q, k, v, key_padding_mask, alibi_slopes)
     options = _flash_options(
         inputs.head_dim, softmax_scale, dropout_p, window_size, softcap,
         causal=causal, return_lse=return_lse, deterministic=deterministic,
     )
-    out, lse = _run(inputs, options, backend)
+    own = inputs.q is q and inputs.k is k and inputs.v is v and inputs.alibi_slopes is alibi_slopes
+    out, lse = _run(inputs, options, backend, key if own else None)
     return (out, lse) if return_lse else out
 
 

@@ -200,20 +200,29 @@ def feed_forward(
         ``torch.backends.cuda.matmul.allow_tf32`` is set, as in torch.
     """
     amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    tensors = (x, w1, b1, w2, b2)
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    key = None if amp is not None else _custom_op.plan_key(
+        "ffn", (activation, dropout_p, recompute, allow_tf32, backend), tensors)
+    plan = _custom_op.find_plan(key)
+    if plan is not None and _custom_op.is_plain_eager(tensors):  # validated and selected before
+        return plan(x, w1, b1, w2, b2, _custom_op.eager_rng(dropout_p))
     if amp is not None:
-        x, w1, b1, w2, b2 = (cast_for_autocast(t, amp) for t in (x, w1, b1, w2, b2))
+        x, w1, b1, w2, b2 = (cast_for_autocast(t, amp) for t in tensors)
     inputs = _validate(x, w1, b1, w2, b2, activation)
     checks.check_bool("recompute", recompute)
     options = FeedForwardOptions(
         activation=activation,
         dropout_p=checks.check_probability("dropout_p", dropout_p),
         recompute=recompute,
-        allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+        allow_tf32=allow_tf32,
     )
     request = _custom_op.backend_request(backend)
     if _custom_op.is_plain_eager((x, w1, b1, w2, b2)):
         rng = _custom_op.eager_rng(options.dropout_p)
-        y, chosen = _custom_op.eager_forward("ffn", inputs, options, request, rng, x)
+        own = inputs.w1 is w1 and inputs.w2 is w2
+        y, chosen = _custom_op.eager_forward(
+            "ffn", inputs, options, request, rng, key if own else None, x, inputs.w1, b1, inputs.w2, b2)
         if y is not None:
             return y
         if _custom_op.needs_grad(x, w1, b1, w2, b2):

@@ -246,13 +246,19 @@ def _shaped(result, inputs: NormInputs, options: NormOptions, shape):
     return result.y.reshape(shape), h
 
 
-def _norm(x, residual, weight, bias, options: NormOptions, backend: Optional[str]) -> Tensors:
+def _norm(x, residual, weight, bias, kind: str, eps, dropout_p, prenorm, residual_in_fp32, backend) -> Tensors:
+    tensors = (x, residual, weight, bias)
+    key = _custom_op.plan_key("norm", (kind, eps, dropout_p, prenorm, residual_in_fp32, backend), tensors)
+    plan = _custom_op.find_plan(key)
+    if plan is not None and _custom_op.is_plain_eager(tensors):  # validated and selected before
+        y, h = plan(x, residual, weight, bias, _custom_op.eager_rng(dropout_p))
+        return (y, x if h is None else h) if prenorm else y
+    options = _options(kind, eps, dropout_p, prenorm, residual_in_fp32)
     inputs = _validate(x, residual, weight, bias)
     request = _custom_op.backend_request(backend)
-    if _custom_op.is_plain_eager((x, residual, weight, bias)):
+    if _custom_op.is_plain_eager(tensors):
         rng = _custom_op.eager_rng(options.dropout_p)
-        outputs, chosen = _custom_op.eager_forward(
-            "norm", inputs, options, request, rng, x, residual, weight, bias)
+        outputs, chosen = _custom_op.eager_forward("norm", inputs, options, request, rng, key, *tensors)
         if outputs is not None:
             y, h = outputs
         elif _custom_op.needs_grad(x, residual, weight, bias):
@@ -311,7 +317,7 @@ def add_layer_norm(
         dtype (float32 with ``residual_in_fp32``; x's dtype without a residual). Mean and rstd
         are computed and saved in float32.
     """
-    return _norm(x, residual, weight, bias, _options("layer", eps, dropout_p, prenorm, residual_in_fp32), backend)
+    return _norm(x, residual, weight, bias, "layer", eps, dropout_p, prenorm, residual_in_fp32, backend)
 
 
 def rms_norm(
@@ -336,4 +342,4 @@ def rms_norm(
     Returns:
         y, or (y, h) with ``prenorm``; shapes and dtypes as in :func:`add_layer_norm`.
     """
-    return _norm(x, residual, weight, None, _options("rms", eps, dropout_p, prenorm, residual_in_fp32), backend)
+    return _norm(x, residual, weight, None, "rms", eps, dropout_p, prenorm, residual_in_fp32, backend)
