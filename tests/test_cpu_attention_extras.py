@@ -181,9 +181,69 @@ def test_kvcache_op_checks_block_table_entries():
         torch.ops.fastattn.cpu_attention_kvcache_fwd(*args)
 
 
+APPEND_LAYOUTS = ["contiguous", "batch_idx", "paged"]
+
+
+def _append_case(layout: str, dtype: torch.dtype):
+    """Caches and a 3-token step for 3 sequences: contiguous (5 rows, sequence b in row b),
+    through cache_batch_idx (rows 4, 0, 2), or paged (12 blocks of 4, each sequence's blocks
+    scattered, a step that crosses a block boundary); k / v non-contiguous views."""
+    g = torch.Generator().manual_seed(7)
+    seqlens = torch.tensor([0, 5, 9], dtype=torch.int32)
+    block_table = batch_idx = None
+    if layout == "paged":
+        cache_shape = (12, 4, 2, 8)
+        block_table = torch.tensor([[11, 3, 7, 0], [2, 9, 5, 1], [4, 10, 6, 8]], dtype=torch.int32)
+    else:
+        cache_shape = (5, 16, 2, 8)
+        if layout == "batch_idx":
+            batch_idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    k_cache, v_cache = (torch.randn(cache_shape, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(3, 2, 3, 8, generator=g).to(dtype).transpose(1, 2) for _ in range(2))  # (B, 3, Hkv, D)
+    return KVCacheInputs(q=torch.randn(3, 3, 4, 8).to(dtype), k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens,
+                         block_table=block_table, cache_batch_idx=batch_idx), k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", APPEND_LAYOUTS)
+def test_kvcache_append_writes_what_index_put_writes(layout, dtype):
+    """The cpu backend's one-call append against the shared index_put_ append: the same cache,
+    bit for bit, every other slot untouched."""
+    from fastattn.ops.kvcache import _append
+
+    inputs, k, v = _append_case(layout, dtype)
+    expected = dataclasses.replace(inputs, k_cache=inputs.k_cache.clone(), v_cache=inputs.v_cache.clone())
+    _append(expected, k, v)
+    cpu_attention.kvcache_append(inputs, k, v)
+    assert torch.equal(inputs.k_cache, expected.k_cache)
+    assert torch.equal(inputs.v_cache, expected.v_cache)
+    assert not torch.equal(inputs.k_cache, _append_case(layout, dtype)[0].k_cache), "nothing was written"
+
+
+def test_kvcache_append_op_checks_every_slot():
+    cpu_attention.ensure_loaded()
+    inputs, k, v = _append_case("paged", torch.float32)
+    args = [inputs.k_cache, inputs.v_cache, k, v, torch.tensor([0, 5, 14], dtype=torch.int32), inputs.block_table, None]
+    with pytest.raises(RuntimeError, match="position 16 of sequence 2 is past its block table"):
+        torch.ops.fastattn.cpu_attention_kvcache_append(*args)
+    args[4], args[5] = inputs.cache_seqlens, torch.tensor([[11, 3, 7, 0], [2, 12, 5, 1], [4, 10, 6, 8]],
+                                                          dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"slot \(12, 1\) of sequence 1 is outside the cache"):
+        torch.ops.fastattn.cpu_attention_kvcache_append(*args)
+
+
 # --------------------------------------------------------------------------------------------
 # opcheck (schemas, fake kernels, dispatch) of the new ops
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", APPEND_LAYOUTS)
+def test_opcheck_kvcache_append(layout):
+    inputs, k, v = _append_case(layout, torch.float32)
+    cpu_attention.ensure_loaded()
+    torch.library.opcheck(torch.ops.fastattn.cpu_attention_kvcache_append.default,
+                          (inputs.k_cache, inputs.v_cache, k, v, inputs.cache_seqlens, inputs.block_table,
+                           inputs.cache_batch_idx))
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_opcheck_kvcache(paged):
     cpu_attention.ensure_loaded()

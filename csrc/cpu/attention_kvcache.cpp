@@ -1,5 +1,6 @@
 // CPU decoding attention over a KV cache (flash-attn's flash_attn_with_kvcache) for the ``cpu``
-// backend: torch.ops.fastattn.cpu_attention_kvcache_fwd.
+// backend: torch.ops.fastattn.cpu_attention_kvcache_fwd, and cpu_attention_kvcache_append, which
+// writes a step's new keys / values into the cache before it.
 //
 // The new keys / values are already in the cache; query i of sequence b (absolute position
 // cache_seqlens[b] - Lq + i) attends over positions [lo(i), hi(i)) of the first
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu/attention_common.h"
@@ -493,10 +495,76 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q_in, const at:
   return {out, lse};
 }
 
+// Writes k / v (B, Lnew, Hkv, D) into the caches at positions cache_seqlens[b] + i of sequence b
+// (lengths before the append): one row copy of Hkv x D elements per (b, i), done here rather than
+// by two index_put_ calls and the index tensors they need (a decoding step's largest fixed cost).
+// The Python layer has checked the index values; the bounds are checked again per row.
+void kvcache_append(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_in, const at::Tensor& v_in,
+                    const at::Tensor& cache_seqlens_in, const std::optional<at::Tensor>& block_table_in,
+                    const std::optional<at::Tensor>& cache_batch_idx_in) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "fastattn cpu kvcache append: the caches "
+              "must be 4-D and of one shape");
+  TORCH_CHECK(k_in.dim() == 4 && v_in.sizes() == k_in.sizes(), "fastattn cpu kvcache append: k and v must be 4-D "
+              "and of one shape");
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == dtype && k_in.scalar_type() == dtype && v_in.scalar_type() == dtype,
+              "fastattn cpu kvcache append: k, v and the caches must have one dtype");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "fastattn cpu kvcache append: the caches' head dim "
+              "must be contiguous");
+  const int64_t batch = k_in.size(0), seqlen_new = k_in.size(1), heads_kv = k_in.size(2), dim = k_in.size(3);
+  TORCH_CHECK(k_cache.size(2) == heads_kv && k_cache.size(3) == dim, "fastattn cpu kvcache append: k/v rows must "
+              "match the caches' (nheads_kv, headdim)");
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  const at::Tensor seqlens = cache_seqlens_in.contiguous();
+  check_index(seqlens, "cache_seqlens", 1, batch);
+  at::Tensor table, batch_idx;
+  if (block_table_in.has_value()) {
+    table = block_table_in->contiguous();
+    check_index(table, "block_table", 2, batch);
+  } else if (cache_batch_idx_in.has_value()) {
+    batch_idx = cache_batch_idx_in->contiguous();
+    check_index(batch_idx, "cache_batch_idx", 1, batch);
+  }
+  const int64_t rows = k_cache.size(0), cols = k_cache.size(1), elem = k_cache.element_size();
+  const int32_t* n = seqlens.const_data_ptr<int32_t>();
+  const auto copy_row = [&](const at::Tensor& src, at::Tensor& dst, int64_t b, int64_t i, int64_t row, int64_t col) {
+    const char* from = static_cast<const char*>(src.const_data_ptr()) + (b * src.stride(0) + i * src.stride(1)) * elem;
+    char* to = static_cast<char*>(dst.data_ptr()) + (row * dst.stride(0) + col * dst.stride(1)) * elem;
+    for (int64_t h = 0; h < heads_kv; ++h) {
+      std::memcpy(to + h * dst.stride(2) * elem, from + h * src.stride(2) * elem, dim * elem);
+    }
+  };
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < seqlen_new; ++i) {
+      const int64_t position = static_cast<int64_t>(n[b]) + i;
+      int64_t row = b, col = position;
+      if (table.defined()) {
+        const int64_t blk = position / cols;
+        TORCH_CHECK(position >= 0 && blk < table.size(1), "fastattn cpu kvcache append: position ", position,
+                    " of sequence ", b, " is past its block table");
+        row = table.const_data_ptr<int32_t>()[b * table.size(1) + blk];
+        col = position % cols;
+      } else if (batch_idx.defined()) {
+        row = batch_idx.const_data_ptr<int32_t>()[b];
+      }
+      TORCH_CHECK(row >= 0 && row < rows && col >= 0 && col < cols, "fastattn cpu kvcache append: slot (", row, ", ",
+                  col, ") of sequence ", b, " is outside the cache");
+      copy_row(k, k_cache, b, i, row, col);
+      copy_row(v, v_cache, b, i, row, col);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fastattn_cpu_kvcache
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  // k, v (B, Lnew, Hkv, D) written in place into the caches (layouts as below) at positions
+  // cache_seqlens[b] + i, cache_seqlens (B,) int32 the lengths before the append.
+  m.def(
+      "cpu_attention_kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
+      "Tensor cache_seqlens, Tensor? block_table, Tensor? cache_batch_idx) -> ()");
   // q (B, Lq, H, D); caches (B_cache, L, Hkv, D) or, with block_table (B, max_blocks), paged
   // (num_blocks, block_size, Hkv, D); cache_seqlens (B,) int32 valid positions (new tokens
   // included). window_left / window_right: -1 = unbounded (causal caps window_right at 0).
@@ -507,4 +575,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "bool causal, int window_left, int window_right, int chunk_size) -> (Tensor out, Tensor lse)");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("cpu_attention_kvcache_fwd", &fastattn_cpu_kvcache::kvcache_fwd); }
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("cpu_attention_kvcache_fwd", &fastattn_cpu_kvcache::kvcache_fwd);
+  m.impl("cpu_attention_kvcache_append", &fastattn_cpu_kvcache::kvcache_append);
+}

@@ -104,6 +104,12 @@ class Backend:
         make = getattr(self.op_module(op), "eager_plan", None)
         return None if make is None else make(inputs, options)
 
+    def kvcache_append(self):
+        """The attention module's optional ``kvcache_append(inputs: KVCacheInputs, k, v)``,
+        which writes a decoding step's keys / values into the caches in place, or None (then
+        fastattn/ops/kvcache.py appends with two ``index_put_``)."""
+        return getattr(self.op_module("attention"), "kvcache_append", None)
+
     def kvcache_forward(self, inputs, options):
         """One decoding step over a KV cache: the attention module's ``kvcache_forward(inputs:
         KVCacheInputs, options) -> (out (B, Lq, H, D), lse (B, H, Lq) fp32)``; served only by

@@ -121,6 +121,12 @@ def backward(
     )
 
 
+def kvcache_append(inputs: KVCacheInputs, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Writes a decoding step's k, v (B, Lnew, Hkv, D) into the caches in place (one C++ call,
+    :func:`fastattn.cpu.attention_kvcache.append`)."""
+    attention_kvcache.append(inputs, k, v)
+
+
 def kvcache_forward(inputs: KVCacheInputs, options: AttentionOptions):
     """One decoding step (see fastattn/ops/kvcache.py): out (B, Lq, H, D) in q's dtype, lse
     (B, H, Lq) fp32; split-KV kernel of :mod:`fastattn.cpu.attention_kvcache`."""

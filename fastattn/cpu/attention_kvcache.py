@@ -42,12 +42,27 @@ def forward(inputs: KVCacheInputs, options: AttentionOptions, *, chunk_size: int
     )
 
 
+def append(inputs: KVCacheInputs, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Writes k, v (B, Lnew, Hkv, D) into the caches in place at positions cache_seqlens[b] +
+    (0..Lnew-1) of sequence b (inputs.cache_seqlens: the lengths before the append), as
+    fastattn/ops/kvcache.py's shared ``_append`` does, in one C++ call."""
+    ensure_loaded()
+    torch.ops.fastattn.cpu_attention_kvcache_append(
+        inputs.k_cache, inputs.v_cache, k, v, inputs.cache_seqlens, inputs.block_table, inputs.cache_batch_idx,
+    )
+
+
 def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, alibi_slopes, *scalars):
     b, lq, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, lq), dtype=torch.float32)
+
+
+def _append_fake(k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx):
+    return None
 
 
 @functools.lru_cache(maxsize=None)
 def register_python_ops() -> None:
     """Fake kernel of the kvcache op (torch.compile, opcheck); called by fastattn.cpu.attention."""
     torch.library.register_fake("fastattn::cpu_attention_kvcache_fwd")(_kvcache_fake)
+    torch.library.register_fake("fastattn::cpu_attention_kvcache_append")(_append_fake)

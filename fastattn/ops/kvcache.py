@@ -12,7 +12,6 @@ out (B, Lq, H, D) in q's dtype and lse (B, H, Lq) float32.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -111,6 +110,11 @@ def _validate_index_values(inputs: KVCacheInputs, seqlen_new: int, appends: bool
     """Range checks of cache_seqlens, block_table and cache_batch_idx, reading their reductions
     to the host at once (one sync)."""
     capacity, device = inputs.max_seqlen_k, inputs.device
+    if not inputs.is_paged and inputs.cache_batch_idx is None:  # the lengths alone: one read
+        lengths = inputs.cache_seqlens.tolist()
+        if min(lengths) < 0 or max(lengths) > capacity - seqlen_new:
+            raise ValueError(_seqlens_range_message(min(lengths), max(lengths), capacity, seqlen_new))
+        return
     seqlens = inputs.cache_seqlens.long()  # (B,) before the append
     stats = [seqlens.min(), seqlens.max()]
     if inputs.is_paged:
@@ -155,7 +159,7 @@ def _validate_inference(**tensors) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The append, shared by every backend
+# The append, for backends without their own (Backend.kvcache_append)
 # --------------------------------------------------------------------------------------------
 def _append(inputs: KVCacheInputs, k: torch.Tensor, v: torch.Tensor) -> None:
     """Writes k, v (B, Lnew, Hkv, D) into the cache at positions cache_seqlens[b] + (0..Lnew-1)
@@ -254,10 +258,13 @@ def flash_attention_with_kvcache(
         alibi_slopes=_validate_alibi(alibi_slopes, q.shape[0], q.shape[2], q),
     )
     _validate_index_values(inputs, seqlen_new, appends=k is not None)
-    attended = dataclasses.replace(inputs, cache_seqlens=inputs.cache_seqlens + seqlen_new)  # a new tensor
+    attended = KVCacheInputs(  # the lengths after the append (a new tensor)
+        q=inputs.q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=inputs.cache_seqlens + seqlen_new,
+        block_table=inputs.block_table, cache_batch_idx=inputs.cache_batch_idx, alibi_slopes=inputs.alibi_slopes,
+    )
     chosen = select("attention", attended, options, backend)
     with torch.no_grad(), autocast_off(q.device):
         if k is not None:
-            _append(inputs, k, v)
+            (chosen.kvcache_append() or _append)(inputs, k, v)
         out, lse = chosen.kvcache_forward(attended, options)
     return (out, lse) if return_lse else out
