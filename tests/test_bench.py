@@ -42,6 +42,7 @@ from fastattn.bench.harness import (
     peak_memory,
     relative_error,
     time_cpu,
+    time_cpu_interleaved,
 )
 from fastattn.bench.runner import RunContext, run_suite
 
@@ -92,6 +93,35 @@ def test_cpu_timer_measures_the_call():
     timing = time_cpu(lambda: time.sleep(0.004), TimerSettings(cpu_min_time_s=0.0, cpu_min_reps=5, cpu_max_reps=5))
     assert timing.reps == 5
     assert 4.0 <= timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+def test_interleaved_timer_rotates_settles_and_isolates_failures():
+    order, calls = [], {"fast": 0, "slow": 0, "breaks": 0}
+
+    def make(name, seconds, fail_after=None):
+        def fn():
+            calls[name] += 1
+            order.append(name)
+            if fail_after is not None and calls[name] > fail_after:
+                raise RuntimeError("device lost")
+            time.sleep(seconds)
+
+        return fn
+
+    settings = TimerSettings(cpu_min_time_s=0.0, cpu_min_reps=4, cpu_max_reps=40, cpu_settle_s=0.0)
+    timings = time_cpu_interleaved(
+        {"fast": make("fast", 0.002), "slow": make("slow", 0.004), "breaks": make("breaks", 0.001, fail_after=3)},
+        settings,
+    )
+    assert isinstance(timings["breaks"], RuntimeError) and "device lost" in str(timings["breaks"])
+    fast, slow = timings["fast"], timings["slow"]
+    assert fast.reps == slow.reps == 4  # one timed call per round after one untimed call
+    assert calls["fast"] == calls["slow"] == 8
+    assert 2.0 <= fast.median_ms < slow.median_ms and 4.0 <= slow.median_ms
+    # an untimed and a timed call each; each round starts one provider later; "breaks" raises
+    # in round 1 and leaves the rotation
+    rounds = [["fast", "slow", "breaks"], ["slow", "breaks", "fast"], ["fast", "slow"], ["slow", "fast"]]
+    assert order == [name for names in rounds for name in names for _ in range(2)]
 
 
 def test_cpu_peak_memory_sees_a_temporary():

@@ -32,7 +32,8 @@ SUITES = {
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TIMERS = {
-    "smoke": TimerSettings(gpu_warmup_ms=5, gpu_rep_ms=20, cpu_min_time_s=0.01, cpu_min_reps=3, cpu_max_reps=20),
+    "smoke": TimerSettings(gpu_warmup_ms=5, gpu_rep_ms=20, cpu_min_time_s=0.01, cpu_min_reps=3, cpu_max_reps=20,
+                           cpu_settle_s=0.0),
     "quick": TimerSettings(gpu_warmup_ms=10, gpu_rep_ms=50, cpu_min_time_s=0.1, cpu_min_reps=5, cpu_max_reps=100),
     "full": TimerSettings(gpu_warmup_ms=25, gpu_rep_ms=100, cpu_min_time_s=1.0, cpu_min_reps=5, cpu_max_reps=200),
 }

@@ -240,6 +240,9 @@ class TimerSettings:
     cpu_min_time_s: float = 0.5
     cpu_min_reps: int = 5
     cpu_max_reps: int = 200
+    #: Untimed calls (at least one) before each provider's block in a round of
+    #: time_cpu_interleaved: long enough for the caches and memory to settle after the others.
+    cpu_settle_s: float = 0.05
 
 
 def synchronize(device: torch.device) -> None:
@@ -278,6 +281,50 @@ def time_cpu(fn: Callable[[], None], settings: TimerSettings) -> Timing:
         samples.append((time.perf_counter() - begin) * 1e3)
     q = statistics.quantiles(samples, n=10, method="inclusive")
     return Timing(statistics.median(samples), q[1], q[7], len(samples))
+
+
+def time_cpu_interleaved(
+    fns: dict[str, Callable[[], None]], settings: TimerSettings
+) -> dict[str, Union[Timing, BaseException]]:
+    """Times several providers' calls of one case and mode in cpu_min_reps rounds, each round
+    giving every provider (in a rotating order) untimed calls for cpu_settle_s (at least one:
+    another provider's fresh allocations leave the caches and memory system busy for a few
+    calls, ~30 ms on the development machine), then a block of timed calls (cpu_min_time_s /
+    rounds of them, at least one, at most cpu_max_reps / rounds). Each provider is thus timed
+    in its steady state, as a block of repeats would time it, while a slow phase of the
+    machine (another process, a frequency change) falls on every provider alike: their
+    ratios come from the same minutes. A provider that raises leaves the rotation; its entry
+    is the exception. The caller has already warmed every fn up."""
+    rounds = max(1, settings.cpu_min_reps)
+    block_s = settings.cpu_min_time_s / rounds
+    block_max = max(1, math.ceil(settings.cpu_max_reps / rounds))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    result: dict[str, Union[Timing, BaseException]] = {}
+    active = list(fns)
+    for index in range(rounds):
+        shift = index % len(active) if active else 0
+        for name in active[shift:] + active[:shift]:
+            try:
+                settle = time.perf_counter()
+                fns[name]()  # untimed: the provider's own data back in the caches
+                while time.perf_counter() - settle < settings.cpu_settle_s:
+                    fns[name]()
+                start = time.perf_counter()
+                while True:
+                    begin = time.perf_counter()
+                    fns[name]()
+                    end = time.perf_counter()
+                    samples[name].append((end - begin) * 1e3)
+                    if end - start >= block_s or len(samples[name]) >= (index + 1) * block_max:
+                        break
+            except Exception as error:  # reported in the provider's row, never dropped
+                result[name] = error
+        active = [name for name in active if name not in result]
+    for name in active:
+        values = samples[name]
+        q = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else [values[0]] * 9
+        result[name] = Timing(statistics.median(values), q[1], q[7], len(values))
+    return result
 
 
 @contextlib.contextmanager
@@ -335,10 +382,11 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def free_memory(device: torch.device) -> None:
-    """Return freed blocks to the GPU so the next provider's peak starts clean. CPU tensors are
-    freed by reference counting already (and gc.collect after torch.compile is slow), but the
-    cpu backend keeps reused buffers: they go back to the system, so the next provider's
-    allocations find the heap as they would without fastattn."""
+    """Return freed blocks to the GPU so the next provider's peak starts clean (after each
+    provider). CPU tensors are freed by reference counting already (and gc.collect after
+    torch.compile is slow), but the cpu backend keeps reused buffers: they go back to the system
+    after each case (its providers are timed interleaved, with fastattn's buffers kept
+    meanwhile, as in a program that runs both)."""
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()

@@ -120,6 +120,8 @@ def markdown(data: dict, rows: Sequence[Row]) -> str:
         "",
         "Times are medians (20th-80th percentile spread in the details) of the call in each mode: "
         "forward = inference under no_grad, backward = the backward alone, forward+backward = both. "
+        "On a CPU the providers of one case and mode are timed together in interleaved rounds (one "
+        "call each per round), so a slow phase of the machine slows them alike. "
         "Each provider's output and gradients were checked against the float64 reference before "
         "timing; a mismatch is reported as failed and not timed. x naive = naive's median over this "
         "one's; x best peer (fastattn rows) = the same for the fastest provider that is not a "

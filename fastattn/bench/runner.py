@@ -29,6 +29,7 @@ from fastattn.bench.harness import (
     mode_callable,
     peak_memory,
     time_cpu,
+    time_cpu_interleaved,
     time_gpu,
 )
 
@@ -131,13 +132,16 @@ def verify(problem: Problem, workload: Workload, grads: bool, tolerance: float) 
     return Check(err, None, max(err, gerr), gmismatch)
 
 
-def run_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, ctx: RunContext) -> list[Row]:
-    """Check one provider on one case, then measure each mode that passed the check."""
+def check_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, ctx: RunContext):
+    """Build one provider on one case and check it against the float64 reference once. Returns
+    its rows (those that cannot be timed marked with the reason), the workload (None when no
+    mode passed) and the problem it was checked against (its own, for a bound like
+    torch-gemms-only)."""
     rows = _rows_for(suite, case, provider, ctx)
     reason = provider.unsupported_reason(case)
     if reason:
         _mark(rows, case.modes, UNSUPPORTED, reason)
-        return list(rows.values())
+        return rows, None, problem
     for mode, why in provider.skip_modes.items():
         if mode in rows:
             _mark(rows, [mode], UNSUPPORTED, why)
@@ -159,29 +163,54 @@ def run_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, 
                 _mark(rows, backward_modes, FAILED, check.grad_mismatch)
         except Exception as error:  # reported in every row of this provider, never dropped
             _mark(rows, case.modes, *classify(error, caught))
-    if workload is None or all(r.status != OK for r in rows.values()):
-        del workload
+    if workload is not None and all(r.status != OK for r in rows.values()):
+        workload = None
+    return rows, workload, problem
+
+
+def _prepare(workload: Workload, mode: str, problem: Problem, row: Row, ctx: RunContext) -> Optional[Callable[[], None]]:
+    """The timed closure of one mode, warmed up (compilation and autotuning stay out of memory
+    and time), with its peak memory recorded in the row; None, with the row marked, when it
+    fails."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            run = mode_callable(workload, mode, problem.grad_out)
+            run()
+            row.peak_mem_mib, note = peak_memory(run, ctx.device)
+            row.memory_note = note or ""
+            return run
+        except Exception as error:  # reported in the row, without the figures of the calls before it
+            _clear_measurements(row)
+            row.status, row.reason = classify(error, caught)
+            return None
+
+
+def _record(row: Row, timing: Timing, suite: Suite, case: Any) -> None:
+    row.median_ms, row.p20_ms, row.p80_ms, row.reps = timing.median_ms, timing.p20_ms, timing.p80_ms, timing.reps
+    row.throughput = suite.work(case, row.mode) / (timing.median_ms * 1e-3) / METRIC_UNITS[suite.metric]
+
+
+def run_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, ctx: RunContext) -> list[Row]:
+    """Check one provider on one case, then measure each mode that passed the check, one mode
+    after the other (GPU runs: do_bench per provider)."""
+    rows, workload, problem = check_provider(suite, case, problem, provider, ctx)
+    if workload is None:
         free_memory(ctx.device)
         return list(rows.values())
-
     for mode, row in rows.items():
         if row.status != OK:
             continue
         if time.monotonic() > ctx.deadline:
             _mark(rows, [mode], SKIPPED, "time budget spent")
             continue
-        run = None
+        run = _prepare(workload, mode, problem, row, ctx)
+        if run is None:
+            continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                run = mode_callable(workload, mode, problem.grad_out)
-                run()  # warm-up: compilation and autotuning stay out of memory and time
-                row.peak_mem_mib, note = peak_memory(run, ctx.device)
-                row.memory_note = note or ""
-                timing = ctx.time(run)
-                row.median_ms, row.p20_ms, row.p80_ms, row.reps = timing.median_ms, timing.p20_ms, timing.p80_ms, timing.reps
-                work = suite.work(case, mode)
-                row.throughput = work / (timing.median_ms * 1e-3) / METRIC_UNITS[suite.metric]
+                _record(row, ctx.time(run), suite, case)
             except Exception as error:  # reported in the row, without the figures of the calls before it
                 _clear_measurements(row)
                 row.status, row.reason = classify(error, caught)
@@ -190,6 +219,49 @@ def run_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, 
     del workload
     free_memory(ctx.device)
     return list(rows.values())
+
+
+def run_case_interleaved(suite: Suite, case: Any, problem: Problem, providers: Sequence[Provider],
+                         ctx: RunContext) -> list[list[Row]]:
+    """CPU runs: check every provider on the case, then per mode warm each up and measure its
+    peak memory, then time them together in interleaved rounds (harness.time_cpu_interleaved).
+    Returns each provider's rows, in the providers' order."""
+    checked = []
+    for provider in providers:
+        if ctx.progress is not None:
+            ctx.progress.set_postfix_str(f"{suite.op} {case.label} {provider.name}"[:60])
+        if time.monotonic() > ctx.deadline:
+            rows = _rows_for(suite, case, provider, ctx)
+            _mark(rows, case.modes, SKIPPED, "time budget spent")
+            checked.append((rows, None, problem))
+        else:
+            checked.append(check_provider(suite, case, problem, provider, ctx))
+    for mode in case.modes:
+        runs: dict[int, Callable[[], None]] = {}
+        for index, (rows, workload, own_problem) in enumerate(checked):
+            if workload is None or rows[mode].status != OK:
+                continue
+            if time.monotonic() > ctx.deadline:
+                _mark(rows, [mode], SKIPPED, "time budget spent")
+                continue
+            run = _prepare(workload, mode, own_problem, rows[mode], ctx)
+            if run is not None:
+                runs[index] = run
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            timings = time_cpu_interleaved({str(i): run for i, run in runs.items()}, ctx.timer)
+        for index in runs:
+            row, timing = checked[index][0][mode], timings[str(index)]
+            if isinstance(timing, BaseException):
+                _clear_measurements(row)
+                row.status, row.reason = classify(timing, caught)
+            else:
+                _record(row, timing, suite, case)
+        del runs
+    result = [list(rows.values()) for rows, _, _ in checked]
+    del checked
+    free_memory(ctx.device)
+    return result
 
 
 def run_suite(
@@ -213,6 +285,15 @@ def run_suite(
                 status, reason = classify(error)
                 problem_error = (FAILED if status == OK else status, f"inputs/reference: {reason}")
             free_memory(ctx.device)
+        if problem is not None and ctx.device.type == "cpu" and time.monotonic() <= ctx.deadline:
+            for new in run_case_interleaved(suite, case, problem, providers, ctx):
+                rows.extend(new)
+                on_rows(new)
+                if ctx.progress is not None:
+                    ctx.progress.update(1)
+            del problem
+            free_memory(ctx.device)
+            continue
         for provider in providers:
             if ctx.progress is not None:
                 ctx.progress.set_postfix_str(f"{suite.op} {case.label} {provider.name}"[:60])
