@@ -28,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace fastattn_cpu {
 namespace {
@@ -286,10 +287,24 @@ struct FfnNode : torch::autograd::Function<FfnNode> {
   }
 };
 
+bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
+bool requires_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
+
 at::Tensor ffn_autograd(const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const at::Tensor& w2,
                         const OptTensor& b2, c10::string_view activation, double dropout_p, int64_t seed,
                         int64_t offset, bool save_z) {
-  return FfnNode::apply(x, w1, b1, w2, b2, activation, dropout_p, seed, offset, save_z)[0];
+  const bool records = at::GradMode::is_enabled() && (requires_grad(x) || requires_grad(w1) || requires_grad(b1) ||
+                                                      requires_grad(w2) || requires_grad(b2));
+  if (records) return FfnNode::apply(x, w1, b1, w2, b2, activation, dropout_p, seed, offset, save_z)[0];
+  // Inference: nothing is saved, so the activation overwrites z in place (save_z false: one
+  // (rows, d_ff) buffer fewer to write; the same arithmetic, the same y).
+  static const auto fwd = kernel_op<FfnFwd>("fastattn::cpu_ffn_fwd");
+  const NoAutocast no_autocast;
+  const at::Tensor y = std::get<0>(fwd.call(as_rows(x, x.size(-1)), w1, b1, w2, b2, activation, dropout_p, seed,
+                                            offset, /*save_z=*/false));
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.view(shape);
 }
 
 }  // namespace
