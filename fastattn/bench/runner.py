@@ -264,6 +264,20 @@ def run_case_interleaved(suite: Suite, case: Any, problem: Problem, providers: S
     return result
 
 
+def _run_case_sequential(suite: Suite, case: Any, problem: Optional[Problem],
+                         problem_error: Optional[tuple[str, str]], providers: Sequence[Provider], ctx: RunContext):
+    """GPU runs (and cases without inputs): each provider's rows, one provider after the other."""
+    for provider in providers:
+        if ctx.progress is not None:
+            ctx.progress.set_postfix_str(f"{suite.op} {case.label} {provider.name}"[:60])
+        if problem is None or time.monotonic() > ctx.deadline:
+            case_rows = _rows_for(suite, case, provider, ctx)
+            _mark(case_rows, case.modes, *((problem is None and problem_error) or (SKIPPED, "time budget spent")))
+            yield list(case_rows.values())
+        else:
+            yield run_provider(suite, case, problem, provider, ctx)
+
+
 def run_suite(
     suite: Suite,
     cases: Sequence[Any],
@@ -286,31 +300,14 @@ def run_suite(
                 problem_error = (FAILED if status == OK else status, f"inputs/reference: {reason}")
             free_memory(ctx.device)
         if problem is not None and ctx.device.type == "cpu" and time.monotonic() <= ctx.deadline:
-            for new in run_case_interleaved(suite, case, problem, providers, ctx):
-                rows.extend(new)
-                on_rows(new)
-                if ctx.progress is not None:
-                    ctx.progress.update(1)
-            del problem
-            free_memory(ctx.device)
-            continue
-        for provider in providers:
-            if ctx.progress is not None:
-                ctx.progress.set_postfix_str(f"{suite.op} {case.label} {provider.name}"[:60])
-            if problem is None:
-                case_rows = _rows_for(suite, case, provider, ctx)
-                _mark(case_rows, case.modes, *(problem_error or (SKIPPED, "time budget spent")))
-                new = list(case_rows.values())
-            elif time.monotonic() > ctx.deadline:
-                case_rows = _rows_for(suite, case, provider, ctx)
-                _mark(case_rows, case.modes, SKIPPED, "time budget spent")
-                new = list(case_rows.values())
-            else:
-                new = run_provider(suite, case, problem, provider, ctx)
+            per_provider = run_case_interleaved(suite, case, problem, providers, ctx)
+        else:
+            per_provider = _run_case_sequential(suite, case, problem, problem_error, providers, ctx)
+        for new in per_provider:
             rows.extend(new)
             on_rows(new)
             if ctx.progress is not None:
                 ctx.progress.update(1)
-        del problem
+        del problem, per_provider
         free_memory(ctx.device)
     return rows
