@@ -43,6 +43,11 @@ class RngState:
         return RngState(seed=int(seed), offset=int(offset))
 
 
+def seed_offset(rng: Optional[RngState]) -> tuple[int, int]:
+    """(seed, offset) of a dropout draw as the kernels' scalar arguments; (0, 0) without one."""
+    return (0, 0) if rng is None else (rng.seed, rng.offset)
+
+
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------

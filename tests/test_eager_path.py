@@ -259,3 +259,19 @@ def test_a_plan_follows_the_backend_request_and_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fastattn.flash_attention(q, q, q).dtype == torch.bfloat16
     assert "AttentionNode" in fastattn.flash_attention(q, q, q).grad_fn.name()
+
+
+@pytest.mark.skipif("cpu" not in _AVAILABLE, reason="the cpu backend did not build")
+def test_arguments_that_make_no_plan_key_take_the_full_path():
+    """An unhashable argument (window_size as a list) is served without a plan; a tensor
+    without strides (sparse) is never keyed, so validation names it even after a planned
+    call of the same shape."""
+    q = torch.randn(2, 5, 4, 8)
+    planned = [fastattn.flash_attention(q, q, q, window_size=(2, 1)) for _ in range(2)]
+    listed = [fastattn.flash_attention(q, q, q, window_size=[2, 1]) for _ in range(2)]
+    assert all(torch.equal(planned[0], out) for out in planned + listed)
+    x = torch.randn(6, 16)
+    for _ in range(2):
+        fastattn.add_layer_norm(x)
+    with pytest.raises(TypeError, match="x must be a dense"):
+        fastattn.add_layer_norm(x.to_sparse())

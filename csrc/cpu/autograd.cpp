@@ -98,10 +98,20 @@ variable_list not_differentiable_again(variable_list grads, const variable_list&
       .apply(std::move(grads));
 }
 
+// (rows, d_out) rows of x (..., d_model) -> (..., d_out)
+at::Tensor shaped_like(const at::Tensor& rows, const at::Tensor& x) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = rows.size(1);
+  return rows.view(shape);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Residual + LayerNorm / RMSNorm: y, h shaped like x (h: (0,) when store_h is false, h is x).
 // ---------------------------------------------------------------------------------------------
 struct NormNode : torch::autograd::Function<NormNode> {
+  // The residual's gradient: none (no residual), dx itself (no dropout, x's dtype), or its own.
+  enum ResidualGrad : int64_t { kNoResidual = 0, kSameAsDx = 1, kOwnTensor = 2 };
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& residual,
                                const OptTensor& weight, const OptTensor& bias, double eps, double dropout_p,
                                int64_t seed, int64_t offset, bool is_rms, bool store_h, at::ScalarType h_dtype) {
@@ -120,7 +130,8 @@ struct NormNode : torch::autograd::Function<NormNode> {
     ctx->saved_data["offset"] = offset;
     ctx->saved_data["is_rms"] = is_rms;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["residual"] = static_cast<int64_t>(residual.has_value() ? (shared ? 1 : 2) : 0);
+    ctx->saved_data["residual"] = static_cast<int64_t>(residual.has_value() ? (shared ? kSameAsDx : kOwnTensor)
+                                                                            : kNoResidual);
     ctx->saved_data["residual_dtype"] =
         static_cast<int64_t>(residual.has_value() ? residual->scalar_type() : x.scalar_type());
     ctx->saved_data["shape"] = x.sizes();
@@ -146,7 +157,7 @@ struct NormNode : torch::autograd::Function<NormNode> {
                                              : at::zeros({rows, n}, h.options().dtype(x_dtype));
     const OptTensor dh = grads[1].defined() ? OptTensor(grads[1].reshape({rows, n}).contiguous()) : std::nullopt;
     const std::optional<at::ScalarType> residual_dtype =
-        residual == 2 ? std::optional<at::ScalarType>(
+        residual == kOwnTensor ? std::optional<at::ScalarType>(
                             static_cast<at::ScalarType>(ctx->saved_data["residual_dtype"].toInt()))
                       : std::nullopt;
     at::Tensor dx, dresidual, dweight, dbias;
@@ -159,8 +170,8 @@ struct NormNode : torch::autograd::Function<NormNode> {
     }
     const auto shape = ctx->saved_data["shape"].toIntVector();
     result[0] = dx.view(shape);
-    if (residual == 1) result[1] = result[0];
-    if (residual == 2) result[1] = dresidual.view(shape);
+    if (residual == kSameAsDx) result[1] = result[0];
+    if (residual == kOwnTensor) result[1] = dresidual.view(shape);
     if (saved[1].defined()) result[2] = dweight;
     if (saved[2].defined()) result[3] = dbias;
     return not_differentiable_again(std::move(result), grads);
@@ -257,9 +268,7 @@ struct FfnNode : torch::autograd::Function<FfnNode> {
     ctx->saved_data["offset"] = offset;
     ctx->saved_data["shape"] = x.sizes();
     ctx->set_materialize_grads(false);
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = y.size(1);
-    return {y.view(shape)};
+    return {shaped_like(y, x)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -302,9 +311,7 @@ at::Tensor ffn_autograd(const at::Tensor& x, const at::Tensor& w1, const OptTens
   const NoAutocast no_autocast;
   const at::Tensor y = std::get<0>(fwd.call(as_rows(x, x.size(-1)), w1, b1, w2, b2, activation, dropout_p, seed,
                                             offset, /*save_z=*/false));
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = y.size(1);
-  return y.view(shape);
+  return shaped_like(y, x);
 }
 
 }  // namespace

@@ -250,14 +250,9 @@ _MEMO_SIZE = 1024
 
 
 def find_plan(key: Optional[tuple]):
-    """The eager plan remembered under ``key`` (fastattn/ops/_custom_op.py: a public call's
-    arguments, validated and served before), or None."""
-    if key is None:
-        return None
-    try:
-        return _PLANS.get(key)
-    except TypeError:  # an unhashable argument (a list): such calls are not remembered
-        return None
+    """The eager plan remembered under ``key`` (fastattn/ops/_custom_op.py plan_key: a public
+    call's arguments, validated and served before; hashable), or None."""
+    return None if key is None else _PLANS.get(key)
 
 
 def remember_plan(key: Optional[tuple], plan) -> None:
@@ -265,10 +260,7 @@ def remember_plan(key: Optional[tuple], plan) -> None:
         return
     if len(_PLANS) >= _MEMO_SIZE:
         _PLANS.clear()
-    try:
-        _PLANS[key] = plan
-    except TypeError:
-        pass
+    _PLANS[key] = plan
 
 
 #: Eager plans: a public call's key -> the chosen backend's prepared call; cleared when full.

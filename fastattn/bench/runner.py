@@ -112,6 +112,12 @@ def _clear_measurements(row: Row) -> None:
     row.memory_note = ""
 
 
+def _fail(row: Row, error: BaseException, caught: Sequence[warnings.WarningMessage]) -> None:
+    """A failure while measuring: the reason, without the figures of the calls before it."""
+    _clear_measurements(row)
+    row.status, row.reason = classify(error, caught)
+
+
 @dataclasses.dataclass(frozen=True)
 class Check:
     out_error: float
@@ -181,8 +187,7 @@ def _prepare(workload: Workload, mode: str, problem: Problem, row: Row, ctx: Run
             row.memory_note = note or ""
             return run
         except Exception as error:  # reported in the row, without the figures of the calls before it
-            _clear_measurements(row)
-            row.status, row.reason = classify(error, caught)
+            _fail(row, error, caught)
             return None
 
 
@@ -212,8 +217,7 @@ def run_provider(suite: Suite, case: Any, problem: Problem, provider: Provider, 
             try:
                 _record(row, ctx.time(run), suite, case)
             except Exception as error:  # reported in the row, without the figures of the calls before it
-                _clear_measurements(row)
-                row.status, row.reason = classify(error, caught)
+                _fail(row, error, caught)
             finally:
                 del run
     del workload
@@ -253,8 +257,7 @@ def run_case_interleaved(suite: Suite, case: Any, problem: Problem, providers: S
         for index in runs:
             row, timing = checked[index][0][mode], timings[str(index)]
             if isinstance(timing, BaseException):
-                _clear_measurements(row)
-                row.status, row.reason = classify(timing, caught)
+                _fail(row, timing, caught)
             else:
                 _record(row, timing, suite, case)
         del runs

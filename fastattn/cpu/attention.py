@@ -32,7 +32,7 @@ import torch
 
 from fastattn.backends.capabilities import AttentionCapabilities
 from fastattn.cpu import attention_kvcache, attention_varlen, ensure_loaded
-from fastattn.options import AttentionInputs, AttentionOptions, KVCacheInputs, RngState
+from fastattn.options import AttentionInputs, AttentionOptions, KVCacheInputs, RngState, seed_offset
 
 CAPABILITIES = AttentionCapabilities(
     min_head_dim=1, max_head_dim=256, window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
@@ -96,7 +96,7 @@ def eager_plan(inputs: AttentionInputs, options: AttentionOptions):
     scalars, p = _scalar_args(inputs, options), options.dropout_p
 
     def run(q, k, v, key_padding_mask, attn_mask, alibi_slopes, rng: Optional[RngState]):
-        seed, offset = (0, 0) if rng is None else (rng.seed, rng.offset)
+        seed, offset = seed_offset(rng)
         return op(q, k, v, key_padding_mask, attn_mask, alibi_slopes, *scalars, p, seed, offset)
 
     return run

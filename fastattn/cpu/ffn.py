@@ -37,7 +37,7 @@ from fastattn.cpu import ensure_loaded
 from fastattn.cpu.dropout_masks import ffn_keep_mask
 # The cpu ops take the CUDA ops' schemas (csrc/ops.cpp): same argument plumbing and fake tensors.
 from fastattn.cuda.ffn import _ffn_bwd_fake, _ffn_fwd_fake, _rng_args
-from fastattn.options import FeedForwardGrads, FeedForwardInputs, FeedForwardOptions, RngState
+from fastattn.options import FeedForwardGrads, FeedForwardInputs, FeedForwardOptions, RngState, seed_offset
 
 CAPABILITIES = FeedForwardCapabilities(dtypes=GPU_DTYPES)
 
@@ -71,7 +71,7 @@ def eager_plan(inputs: FeedForwardInputs, options: FeedForwardOptions):
     activation, p, save_z = options.activation, options.dropout_p, not options.recompute
 
     def run(x, w1, b1, w2, b2, rng: Optional[RngState]):
-        seed, offset = (0, 0) if rng is None else (rng.seed, rng.offset)
+        seed, offset = seed_offset(rng)
         return op(x, w1, b1, w2, b2, activation, p, seed, offset, save_z)
 
     return run

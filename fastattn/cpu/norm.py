@@ -37,6 +37,7 @@ from fastattn.options import (
     NormOptions,
     RngState,
     residual_out_dtype,
+    seed_offset,
 )
 
 CAPABILITIES = NormCapabilities(dtypes=GPU_DTYPES)
@@ -69,7 +70,7 @@ def eager_plan(inputs: NormInputs, options: NormOptions):
     eps, p, is_rms = options.eps, options.dropout_p, options.kind == "rms"
 
     def run(x, residual, weight, bias, rng: Optional[RngState]):
-        seed, offset = (0, 0) if rng is None else (rng.seed, rng.offset)
+        seed, offset = seed_offset(rng)
         y, h = op(x, residual, weight, bias, eps, p, seed, offset, is_rms, store_h, h_dtype)
         return y, (h if store_h else None)
 

@@ -57,7 +57,7 @@ from fastattn.backends import (  # noqa: F401  (find_plan: for the ops)
     triton_interpret_enabled,
 )
 from fastattn.ops._amp import call_without_autocast
-from fastattn.options import RngState
+from fastattn.options import RngState, seed_offset
 
 # --------------------------------------------------------------------------------------------
 # Options <-> schema string
@@ -143,7 +143,7 @@ def draw_rng(dropout_p: float) -> Optional[torch.Tensor]:
 def call_state(backend: Backend, rng: Optional[RngState]) -> torch.Tensor:
     """(3,) int64 on the CPU: backend index, dropout seed, offset (0, 0 without dropout).
     Built over an int64 array (``torch.tensor`` of a list costs several times more per call)."""
-    seed, offset = (rng.seed, rng.offset) if rng is not None else (0, 0)
+    seed, offset = seed_offset(rng)
     return torch.frombuffer(array.array("q", (registered_names().index(backend.name), seed, offset)), dtype=torch.int64)
 
 
@@ -192,25 +192,31 @@ def plan_key(op: str, scalars: tuple, tensors: tuple) -> Optional[tuple]:
     device, shape, strides and requires_grad, the backend request in force (``use_backend``,
     FASTATTN_BACKEND) and TRITON_INTERPRET. A call whose key has a plan (:func:`find_plan`)
     passed validation and selection before, with the same outcome, and skips both. None when
-    an argument makes no key (not a tensor, no strides): that call takes the full path, which
-    names the problem."""
+    an argument makes no key (not a plain strided tensor, or unhashable): that call takes the
+    full path, which names any problem."""
     if torch.compiler.is_compiling():  # traced calls take the custom ops
         return None
+    tensor_keys = []
+    for t in tensors:
+        if t is None:
+            tensor_keys.append(None)
+        elif type(t) in _PLAIN_TENSORS and t.layout == torch.strided and not t.is_nested:
+            tensor_keys.append((type(t), t.dtype, t.device, t.shape, t.stride(), t.requires_grad))
+        else:  # not a tensor, a subclass, or no strides (sparse, nested): validation decides
+            return None
+    key = (op, scalars, tuple(map(_type_key, scalars)), tuple(tensor_keys), requested_backend(),
+           triton_interpret_enabled())
     try:
-        return (op, scalars, tuple(map(_type_key, scalars)), tuple(map(_tensor_key, tensors)),
-                requested_backend(), triton_interpret_enabled())
-    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+        hash(key)
+    except TypeError:  # an unhashable scalar argument (window_size as a list): not remembered
         return None
+    return key
 
 
 def _type_key(value) -> object:
     """A scalar's type; a tuple's element types (window_size=(-1.0, -1) is rejected where
     (-1, -1), equal to it, is not)."""
     return tuple(map(type, value)) if type(value) is tuple else type(value)
-
-
-def _tensor_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
-    return None if t is None else (type(t), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
 
 
 def backward_on(chosen: Backend, op: str, inputs, opts, rng: Optional[RngState], *args):

@@ -339,7 +339,7 @@ class _AttentionEager(torch.autograd.Function):
 
 def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[str], key: Optional[tuple] = None):
     """``key``: the caller's :func:`_custom_op.plan_key`, when an eager plan may take its own
-    arguments (q, k, v, key_padding_mask, alibi_slopes as passed) on later calls."""
+    arguments (q, k, v, key_padding_mask, alibi_slopes as passed, autocast off) on later calls."""
     amp = autocast_dtype(inputs.device)
     if amp is not None and inputs.dtype != amp:
         mask = inputs.attn_mask
@@ -355,7 +355,7 @@ def _run(inputs: AttentionInputs, options: AttentionOptions, backend: Optional[s
     if _custom_op.is_plain_eager(tensors):
         rng = _custom_op.eager_rng(options.dropout_p)
         outputs, chosen = _custom_op.eager_forward(
-            "attention", inputs, options, request, rng, key if amp is None else None, *_plan_args(inputs))
+            "attention", inputs, options, request, rng, key, *_plan_args(inputs))
         if outputs is not None:
             return outputs
         if _custom_op.needs_grad(inputs.q, inputs.k, inputs.v):
@@ -423,11 +423,10 @@ def flash_attention(
         output 0 and lse -inf (never NaN), and passes no gradient.
     """
     tensors = (q, k, v, key_padding_mask, alibi_slopes)
-    key = _custom_op.plan_key(
+    amp = autocast_dtype(q.device) if isinstance(q, torch.Tensor) else None
+    key = None if amp is not None else _custom_op.plan_key(  # autocast casts q, k, v first
         "flash_attention",
-        (causal, softmax_scale, dropout_p, window_size, softcap, return_lse, deterministic, backend,
-         autocast_dtype(q.device) if isinstance(q, torch.Tensor) else None),
-        tensors,
+        (causal, softmax_scale, dropout_p, window_size, softcap, return_lse, deterministic, backend), tensors,
     )
     plan = _custom_op.find_plan(key)
     if plan is not None and _custom_op.is_plain_eager(tensors):  # validated and selected before
